@@ -1,0 +1,238 @@
+"""Configuration: one frozen object, from a YAML file plus ``TANDEM_*`` environment variables.
+
+Environment variables win over the file, so a Helm chart can ship one ConfigMap and set the
+member id per pod (``TANDEM_MEMBER_ID``). Nested fields use ``__``:
+``TANDEM_SOURCE__BOOTSTRAP_SERVERS``. A bad value raises ConfigError naming every bad field,
+before anything connects.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from connector.errors import ConfigError
+
+_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ClusterConfig(_Frozen):
+    """How to reach one Kafka cluster. Security options pass through to both clients."""
+
+    bootstrap_servers: str = Field(min_length=1)
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    ssl_cafile: Path | None = None
+    ssl_certfile: Path | None = None
+    ssl_keyfile: Path | None = None
+
+    @model_validator(mode="after")
+    def _sasl_complete(self) -> ClusterConfig:
+        if self.security_protocol.startswith("SASL") and not (
+            self.sasl_mechanism and self.sasl_username and self.sasl_password
+        ):
+            raise ValueError(
+                f"security_protocol {self.security_protocol} needs sasl_mechanism, "
+                "sasl_username and sasl_password"
+            )
+        return self
+
+    def confluent(self) -> dict[str, Any]:
+        """librdkafka properties for confluent-kafka clients."""
+        conf: dict[str, Any] = {
+            "bootstrap.servers": self.bootstrap_servers,
+            "security.protocol": self.security_protocol,
+        }
+        if self.sasl_mechanism:
+            conf["sasl.mechanism"] = self.sasl_mechanism
+            conf["sasl.username"] = self.sasl_username
+            conf["sasl.password"] = (
+                self.sasl_password.get_secret_value() if self.sasl_password else ""
+            )
+        if self.ssl_cafile:
+            conf["ssl.ca.location"] = str(self.ssl_cafile)
+        if self.ssl_certfile:
+            conf["ssl.certificate.location"] = str(self.ssl_certfile)
+        if self.ssl_keyfile:
+            conf["ssl.key.location"] = str(self.ssl_keyfile)
+        return conf
+
+    def aiokafka(self) -> dict[str, Any]:
+        """Keyword arguments for aiokafka clients."""
+        kwargs: dict[str, Any] = {
+            "bootstrap_servers": self.bootstrap_servers,
+            "security_protocol": self.security_protocol,
+        }
+        if self.sasl_mechanism:
+            kwargs["sasl_mechanism"] = self.sasl_mechanism
+            kwargs["sasl_plain_username"] = self.sasl_username
+            kwargs["sasl_plain_password"] = (
+                self.sasl_password.get_secret_value() if self.sasl_password else None
+            )
+        if self.security_protocol in ("SSL", "SASL_SSL"):
+            from aiokafka.helpers import create_ssl_context
+
+            kwargs["ssl_context"] = create_ssl_context(
+                cafile=str(self.ssl_cafile) if self.ssl_cafile else None,
+                certfile=str(self.ssl_certfile) if self.ssl_certfile else None,
+                keyfile=str(self.ssl_keyfile) if self.ssl_keyfile else None,
+            )
+        return kwargs
+
+
+class SourceConfig(ClusterConfig):
+    topics: list[str] = []
+    topic_regex: str | None = None
+    session_timeout_ms: int = Field(default=10_000, ge=1_000)
+    start_from: Literal["earliest", "latest"] = "earliest"
+
+    @model_validator(mode="after")
+    def _topics_given(self) -> SourceConfig:
+        if not self.topics and not self.topic_regex:
+            raise ValueError("give source.topics or source.topic_regex")
+        if self.topics and self.topic_regex:
+            raise ValueError("give source.topics or source.topic_regex, not both")
+        for t in self.topics:
+            if not _NAME.match(t):
+                raise ValueError(f"topic name {t!r} is not a valid Kafka topic name")
+        if self.topic_regex:
+            try:
+                re.compile(self.topic_regex)
+            except re.error as exc:
+                raise ValueError(f"topic_regex {self.topic_regex!r}: {exc}") from exc
+        return self
+
+
+class BackupConfig(_Frozen):
+    """The backup cluster; its bootstrap defaults to the source cluster's."""
+
+    bootstrap_servers: str | None = None
+    topic_prefix: str = Field(default="backup.", pattern=r"^[A-Za-z0-9._-]*$")
+    replication_factor: int = Field(default=-1, description="-1: the broker's default")
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] | None = None
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    ssl_cafile: Path | None = None
+    ssl_certfile: Path | None = None
+    ssl_keyfile: Path | None = None
+
+
+class WindowConfig(_Frozen):
+    interval_s: float = Field(default=5.0, gt=0)
+    grace_s: float = Field(default=1.0, ge=0)
+
+    @model_validator(mode="after")
+    def _grace_within_interval(self) -> WindowConfig:
+        if self.grace_s >= self.interval_s:
+            raise ValueError(
+                f"grace_s ({self.grace_s}) must be smaller than interval_s ({self.interval_s})"
+            )
+        return self
+
+
+class MirrorConfig(_Frozen):
+    max_workers: int = Field(
+        default=32, ge=2, le=1024, description="slots, and partitions of <group>.mirror"
+    )
+    batch_records: int = Field(default=1000, ge=1)
+    batch_bytes: int = Field(default=512 * 1024, ge=1024)
+    memory_records: int = Field(
+        default=200_000, ge=1, description="copies a mirror keeps in memory; beyond, positions"
+    )
+
+
+class HttpConfig(_Frozen):
+    listen: str | None = Field(default="127.0.0.1:0", description="host:port; null disables")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="TANDEM_", env_nested_delimiter="__", frozen=True, extra="forbid"
+    )
+
+    group: str = Field(default="tandem", pattern=_NAME.pattern)
+    member_id: str = Field(default_factory=socket.gethostname, pattern=_NAME.pattern)
+    source: SourceConfig
+    backup: BackupConfig = BackupConfig()
+    window: WindowConfig = WindowConfig()
+    mirror: MirrorConfig = MirrorConfig()
+    http: HttpConfig = HttpConfig()
+    announce_interval_s: float = Field(default=1.0, gt=0)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The YAML file arrives as init kwargs; the environment must win over it.
+        return (env_settings, init_settings)
+
+    @property
+    def backup_cluster(self) -> ClusterConfig:
+        """The backup cluster, inheriting the source's address and security when not given."""
+        b = self.backup
+        if b.bootstrap_servers is None:
+            return ClusterConfig(**self.source.model_dump(include=set(ClusterConfig.model_fields)))
+        fields = {k: getattr(b, k) for k in ClusterConfig.model_fields if getattr(b, k) is not None}
+        return ClusterConfig(**fields)
+
+    @property
+    def mirror_topic(self) -> str:
+        return f"{self.group}.mirror"
+
+    @property
+    def control_topic(self) -> str:
+        return f"{self.group}.control"
+
+    @property
+    def sets_topic(self) -> str:
+        return f"{self.group}.sets"
+
+    def backup_topic(self, topic: str) -> str:
+        return f"{self.backup.topic_prefix}{topic}"
+
+
+def _describe(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        field = ".".join(str(p) for p in err["loc"]) or "config"
+        msg = err["msg"].removeprefix("Value error, ")
+        lines.append(f"  {field}: {msg}")
+    return "invalid configuration:\n" + "\n".join(lines)
+
+
+def load_settings(path: Path | None = None, **overrides: Any) -> Settings:
+    """Read the YAML file (optional), apply the environment, validate everything at once."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+        data = loaded or {}
+    data.update(overrides)
+    try:
+        return Settings(**data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from exc

@@ -1,0 +1,292 @@
+"""Protocol step 2: mirroring.
+
+The owner sends every sequenced update to its portion's mirror through ``<group>.mirror``
+(partition = the mirror's slot), a run of consecutive updates per message. The mirror keeps
+the copies, with sender and sequence numbers, until a committed manifest covers them. The
+owner records which mirror holds which sequence numbers once the cluster acknowledged the
+envelope: from then on the update survives the owner.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from connector.clients import AsyncProducer, Outgoing
+from connector.errors import MalformedMessage
+from connector.messages import (
+    SCHEMA_HEADER,
+    HeldRange,
+    MirroredRecord,
+    MirrorEnvelope,
+    decode,
+    header,
+)
+from connector.reader import read_until_end, standalone_consumer
+
+log = logging.getLogger(__name__)
+
+Portion = tuple[str, int]
+
+
+def _record_size(r: MirroredRecord) -> int:
+    return (
+        40
+        + len(r.key or b"")
+        + len(r.value or b"")
+        + sum(len(h.key) + len(h.value or b"") for h in r.headers)
+    )
+
+
+@dataclass
+class _Outbox:
+    mirror: str
+    slot: int
+    epoch: int
+    records: list[MirroredRecord] = field(default_factory=list)
+
+
+class MirrorSender:
+    """Owner side: batches sequenced updates into envelopes and records who holds what.
+
+    One flusher task sends whatever accumulated while the previous send was in flight, so
+    envelopes grow with load (group commit) and the read loop never waits per record.
+    ``wait_room`` is the backpressure: the read loop stops when too much is unsent.
+    """
+
+    def __init__(
+        self,
+        producer: AsyncProducer,
+        *,
+        topic: str,
+        group: str,
+        member: str,
+        batch_records: int,
+        batch_bytes: int,
+        max_unsent: int,
+    ) -> None:
+        self._producer = producer
+        self._topic = topic
+        self._group = group
+        self._member = member
+        self._batch_records = batch_records
+        self._batch_bytes = batch_bytes
+        self._max_unsent = max_unsent
+        self._outboxes: dict[Portion, _Outbox] = {}
+        self._unsent = 0
+        self._wake = asyncio.Event()
+        self._room = asyncio.Event()
+        self._room.set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.held: dict[Portion, list[HeldRange]] = defaultdict(list)
+        self.mirrored_through: dict[Portion, int] = {}
+        self.envelopes_sent = 0
+
+    def enqueue(
+        self, portion: Portion, mirror: str, slot: int, epoch: int, records: list[MirroredRecord]
+    ) -> None:
+        box = self._outboxes.get(portion)
+        if box is None or (box.mirror, box.slot, box.epoch) != (mirror, slot, epoch):
+            if box is not None and box.records:
+                # The mirror changed with records still unsent: they go to the new one.
+                records = box.records + records
+                self._unsent -= len(box.records)
+            box = self._outboxes[portion] = _Outbox(mirror, slot, epoch)
+        box.records.extend(records)
+        self._unsent += len(records)
+        self._idle.clear()
+        self._wake.set()
+        if self._unsent >= self._max_unsent:
+            self._room.clear()
+
+    async def wait_room(self) -> None:
+        await self._room.wait()
+
+    async def drain(self) -> None:
+        """Return once everything enqueued so far is acknowledged by the cluster."""
+        await self._idle.wait()
+
+    def forget(self, portion: Portion) -> None:
+        self._outboxes.pop(portion, None)
+        self.held.pop(portion, None)
+        self.mirrored_through.pop(portion, None)
+
+    def _envelopes(self) -> list[tuple[Portion, MirrorEnvelope]]:
+        out: list[tuple[Portion, MirrorEnvelope]] = []
+        for portion, box in self._outboxes.items():
+            chunk: list[MirroredRecord] = []
+            size = 0
+            for rec in box.records:
+                chunk.append(rec)
+                size += _record_size(rec)
+                if len(chunk) >= self._batch_records or size >= self._batch_bytes:
+                    out.append((portion, self._envelope(portion, box, chunk)))
+                    chunk, size = [], 0
+            if chunk:
+                out.append((portion, self._envelope(portion, box, chunk)))
+            self._unsent -= len(box.records)
+            box.records = []
+        return out
+
+    def _envelope(
+        self, portion: Portion, box: _Outbox, records: list[MirroredRecord]
+    ) -> MirrorEnvelope:
+        return MirrorEnvelope(
+            group=self._group,
+            owner=self._member,
+            mirror=box.mirror,
+            epoch=box.epoch,
+            topic=portion[0],
+            partition=portion[1],
+            first_seq=records[0].seq,
+            last_seq=records[-1].seq,
+            records=records,
+        )
+
+    async def run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            envelopes = self._envelopes()
+            if self._unsent < self._max_unsent:
+                self._room.set()
+            if envelopes:
+                slots = {p: self._outboxes[p].slot for p, _ in envelopes if p in self._outboxes}
+                await self._producer.send_many(
+                    [
+                        Outgoing(
+                            topic=self._topic,
+                            partition=slots[p],
+                            key=f"{p[0]}:{p[1]}".encode(),
+                            value=env.encode(),
+                            headers=env.headers(),
+                        )
+                        for p, env in envelopes
+                        if p in slots
+                    ]
+                )
+                self.envelopes_sent += len(envelopes)
+                for portion, env in envelopes:
+                    self._record_held(portion, env)
+            if not self._wake.is_set():
+                self._idle.set()
+
+    def _record_held(self, portion: Portion, env: MirrorEnvelope) -> None:
+        ranges = self.held[portion]
+        last = ranges[-1] if ranges else None
+        if last and last.mirror == env.mirror and last.last_seq + 1 == env.first_seq:
+            ranges[-1] = HeldRange(
+                mirror=env.mirror, first_seq=last.first_seq, last_seq=env.last_seq
+            )
+        else:
+            ranges.append(
+                HeldRange(mirror=env.mirror, first_seq=env.first_seq, last_seq=env.last_seq)
+            )
+        self.mirrored_through[portion] = max(self.mirrored_through.get(portion, -1), env.last_seq)
+
+
+@dataclass
+class _Held:
+    owner: str
+    received: int = 0
+    last_seq: int = -1
+    copies: dict[int, MirroredRecord] = field(default_factory=dict)
+
+
+class MirrorStore:
+    """Mirror side: the copies this worker holds for portions it does not own.
+
+    It reads its own slot's partition of ``<group>.mirror``. Envelopes addressed to another
+    member (a slot's previous holder) are not ours and are skipped; undecodable ones are
+    logged and counted, never fatal: the owner still has the update and the topic keeps it.
+    """
+
+    def __init__(self, client: dict[str, Any], *, topic: str, member: str) -> None:
+        self._client = client
+        self._topic = topic
+        self._member = member
+        self.portions: dict[Portion, _Held] = {}
+        self.malformed = 0
+        self.foreign = 0
+
+    def held(self) -> int:
+        return sum(len(h.copies) for h in self.portions.values())
+
+    def accept(self, value: bytes | None, headers: list[tuple[str, bytes | None]]) -> None:
+        try:
+            env = decode(MirrorEnvelope, value, header(headers, SCHEMA_HEADER))
+        except MalformedMessage as exc:
+            self.malformed += 1
+            log.warning("skipping malformed record on %s: %s", self._topic, exc)
+            return
+        if env.mirror != self._member:
+            self.foreign += 1
+            return
+        h = self.portions.setdefault((env.topic, env.partition), _Held(owner=env.owner))
+        h.owner = env.owner
+        for rec in env.records:
+            if rec.seq not in h.copies:
+                h.received += 1
+            h.copies[rec.seq] = rec
+        h.last_seq = max(h.last_seq, env.last_seq)
+
+    def drop_through(self, portion: Portion, last_seq: int) -> None:
+        """A committed manifest covers these: the copies are secured, let them go."""
+        h = self.portions.get(portion)
+        if h is not None:
+            h.copies = {s: r for s, r in h.copies.items() if s > last_seq}
+
+    async def run(self, slot: int) -> None:
+        consumer = AIOKafkaConsumer(
+            **self._client,
+            group_id=None,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            isolation_level="read_committed",
+        )
+        await consumer.start()
+        try:
+            consumer.assign([TopicPartition(self._topic, slot)])
+            while True:
+                batch = await consumer.getmany(timeout_ms=500, max_records=2000)
+                for records in batch.values():
+                    for r in records:
+                        self.accept(r.value, list(r.headers))
+        finally:
+            await consumer.stop()
+
+
+async def read_copies(
+    client: dict[str, Any], topic: str, partitions: int, portions: Iterable[Portion]
+) -> dict[Portion, list[MirroredRecord]]:
+    """All mirrored copies of the given portions, from every slot's partition, by sequence.
+
+    A new owner uses this to continue exactly where the copies end. Copies of one sequence
+    number are identical whoever sent them: a portion's numbering is fixed by its base and
+    the primary log, so even a late envelope of a replaced owner agrees.
+    """
+    wanted = set(portions)
+    found: dict[Portion, dict[int, MirroredRecord]] = {p: {} for p in wanted}
+    async with standalone_consumer(client) as consumer:
+        tps = [TopicPartition(topic, i) for i in range(partitions)]
+        async for _tp, records in read_until_end(consumer, tps):
+            for r in records:
+                key = (r.key or b"").decode(errors="replace")
+                t, _, p = key.rpartition(":")
+                if not p.isdigit() or (t, int(p)) not in wanted:
+                    continue
+                try:
+                    env = decode(MirrorEnvelope, r.value, header(list(r.headers), SCHEMA_HEADER))
+                except MalformedMessage as exc:
+                    log.warning("skipping malformed record on %s: %s", topic, exc)
+                    continue
+                for rec in env.records:
+                    found[(env.topic, env.partition)][rec.seq] = rec
+    return {p: [c[s] for s in sorted(c)] for p, c in found.items()}

@@ -1,0 +1,82 @@
+"""The owner's side of a portion: reading it from primary and numbering its updates.
+
+Sequence numbers are contiguous per portion and never reused: a new owner continues from
+where the copies (or, later, the last committed set) end, so numbering is a pure function
+of that base and the primary log. That is also why two owners that overlap briefly during
+a takeover can only ever agree on a number.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from aiokafka import ConsumerRecord
+
+from connector.messages import MirroredRecord, RecordHeader
+
+Portion = tuple[str, int]
+
+
+@dataclass
+class PortionState:
+    topic: str
+    partition: int
+    next_offset: int
+    next_seq: int
+    mirror: str | None = None
+    sequenced: int = 0
+    unsecured: deque[MirroredRecord] = field(default_factory=deque)
+
+    @property
+    def portion(self) -> Portion:
+        return (self.topic, self.partition)
+
+    def take(self, records: Iterable[ConsumerRecord[bytes, bytes]]) -> list[MirroredRecord]:
+        """Number the records that follow the current position; anything earlier was seen."""
+        out: list[MirroredRecord] = []
+        seq = self.next_seq
+        for r in records:
+            if r.offset < self.next_offset:
+                continue
+            out.append(
+                MirroredRecord(
+                    offset=r.offset,
+                    seq=seq,
+                    timestamp=r.timestamp,
+                    timestamp_type=r.timestamp_type,
+                    key=r.key,
+                    value=r.value,
+                    headers=[RecordHeader(key=k, value=v) for k, v in r.headers],
+                )
+            )
+            seq += 1
+            self.next_offset = r.offset + 1
+        self.next_seq = seq
+        self.sequenced += len(out)
+        self.unsecured.extend(out)
+        return out
+
+    def secure_through(self, last_seq: int) -> None:
+        """A committed set holds everything up to last_seq: no need to keep it twice."""
+        while self.unsecured and self.unsecured[0].seq <= last_seq:
+            self.unsecured.popleft()
+
+    @classmethod
+    def from_copies(
+        cls, portion: Portion, copies: list[MirroredRecord], base_offset: int, base_seq: int
+    ) -> PortionState:
+        """Continue after the mirrored copies that lie past the base (the last secured point)."""
+        state = cls(portion[0], portion[1], next_offset=base_offset, next_seq=base_seq)
+        for rec in copies:
+            if rec.seq >= state.next_seq and rec.offset >= state.next_offset:
+                if rec.seq != state.next_seq:
+                    raise RuntimeError(
+                        f"{portion}: mirrored copies skip from seq {state.next_seq - 1} "
+                        f"to {rec.seq}"
+                    )
+                state.unsecured.append(rec)
+                state.next_seq = rec.seq + 1
+                state.next_offset = rec.offset + 1
+        return state

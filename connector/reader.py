@@ -1,0 +1,85 @@
+"""Reading internal and backup topics to their end.
+
+"The end" is the high watermark a fetch response reports, not ListOffsets "latest": some
+Kafka-protocol brokers answer the latter wrongly (docs/broker-notes.md), while every broker
+returns the high watermark with each fetch. Used by recovery, the coordinator, status,
+verify and restore: every reader that needs "everything there is, up to now".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Iterable
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+
+from connector.errors import BrokerUnavailable
+
+
+@contextlib.asynccontextmanager
+async def standalone_consumer(
+    client: dict[str, Any], *, read_committed: bool = True, **extra: Any
+) -> AsyncIterator[AIOKafkaConsumer]:
+    """A consumer outside any group: it assigns partitions itself and commits nothing."""
+    consumer = AIOKafkaConsumer(
+        **client,
+        group_id=None,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        isolation_level="read_committed" if read_committed else "read_uncommitted",
+        **extra,
+    )
+    try:
+        await consumer.start()
+    except Exception as exc:
+        await consumer.stop()
+        raise BrokerUnavailable(
+            f"cannot reach Kafka at {client.get('bootstrap_servers')}: {exc}"
+        ) from exc
+    try:
+        yield consumer
+    finally:
+        await consumer.stop()
+
+
+async def read_until_end(
+    consumer: AIOKafkaConsumer,
+    partitions: Iterable[TopicPartition],
+    *,
+    start: dict[TopicPartition, int] | None = None,
+    timeout_s: float = 30.0,
+    max_records: int = 10_000,
+) -> AsyncIterator[tuple[TopicPartition, list[ConsumerRecord[bytes, bytes]]]]:
+    """Yield batches until every partition's position reached its end as fetched now.
+
+    The end is the last stable offset where the broker reports one (an open transaction
+    is not "there" yet), else the high watermark.
+    """
+    tps = list(partitions)
+    consumer.assign(tps)
+    for tp in tps:
+        if start and tp in start:
+            consumer.seek(tp, start[tp])
+        else:
+            await consumer.seek_to_beginning(tp)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    pending = set(tps)
+    while pending:
+        if loop.time() > deadline:
+            names = ", ".join(sorted(f"{tp.topic}[{tp.partition}]" for tp in pending))
+            raise BrokerUnavailable(f"could not read to the end of {names} in {timeout_s:.0f} s")
+        batch = await consumer.getmany(*pending, timeout_ms=200, max_records=max_records)
+        for tp, records in batch.items():
+            if records:
+                yield tp, records
+        for tp in list(pending):
+            ends = [
+                e
+                for e in (consumer.highwater(tp), consumer.last_stable_offset(tp))
+                if e is not None
+            ]
+            if ends and await consumer.position(tp) >= min(ends):
+                pending.discard(tp)

@@ -1,0 +1,67 @@
+"""What ``tandem status`` shows: the group as it published itself on the control topic."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from rich.table import Table
+
+from connector.control import ControlView
+
+
+def members_rows(view: ControlView, stale_ms: int) -> list[dict[str, Any]]:
+    now = int(time.time() * 1000)
+    live = view.live(now, stale_ms)
+    rows = []
+    for name, a in sorted(view.announcements.items(), key=lambda kv: kv[1].slot):
+        rows.append(
+            {
+                "member": name,
+                "slot": a.slot,
+                "state": "up" if name in live else ("left" if a.leaving else "silent"),
+                "epoch": a.epoch,
+                "owned": len(a.owned),
+                "sequenced": sum(o.next_seq for o in a.owned),
+                "mirrored_held": sum(m.held for m in a.mirrored),
+                "in_flight": sum(o.in_flight for o in a.owned),
+                "unprotected": sum(1 for o in a.owned if o.mirror is None),
+                "last_seen_s": round((now - a.at_ms) / 1000, 1),
+            }
+        )
+    return rows
+
+
+def members_table(rows: list[dict[str, Any]], title: str = "members") -> Table:
+    table = Table(title=title)
+    columns = [
+        ("member", "left"),
+        ("slot", "right"),
+        ("state", "left"),
+        ("epoch", "right"),
+        ("owned", "right"),
+        ("sequenced", "right"),
+        ("mirrored_held", "right"),
+        ("in_flight", "right"),
+        ("unprotected", "right"),
+        ("last_seen_s", "right"),
+    ]
+    for name, justify in columns:
+        table.add_column(name.replace("_", " "), justify=justify)  # type: ignore[arg-type]
+    for row in rows:
+        table.add_row(*(str(row[c]) for c, _ in columns))
+    return table
+
+
+def map_table(view: ControlView) -> Table:
+    m = view.latest_map
+    table = Table(
+        title=f"portion map, epoch {m.epoch if m else '-'}, coordinator "
+        f"{m.coordinator if m else '-'}"
+    )
+    for col in ("portion", "owner", "mirror"):
+        table.add_column(col)
+    if m is not None:
+        for p in sorted(m.portions, key=lambda p: (p.topic, p.partition)):
+            table.add_row(f"{p.topic}[{p.partition}]", p.owner, p.mirror or "UNPROTECTED")
+    return table
