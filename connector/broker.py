@@ -30,6 +30,9 @@ __all__ = ["EmbeddedBroker", "run_broker", "tansu_binary"]
 START_TIMEOUT_S = 20.0
 STOP_TIMEOUT_S = 5.0
 _HOST = "127.0.0.1"
+# A killed test run or CLI must not leave brokers behind (the kernel signals the child when
+# the thread that started it dies); without util-linux's setpriv we go without.
+_DIE_WITH_PARENT = ["setpriv", "--pdeathsig", "TERM", "--"] if shutil.which("setpriv") else []
 
 
 def tansu_binary() -> Path:
@@ -113,9 +116,10 @@ class EmbeddedBroker:
     def _launch(self, binary: Path, deadline: float) -> bool:
         """Spawn and wait until it answers; False if it died (Tansu panics on a taken port)."""
         url = f"tcp://{self.bootstrap}"
+        args = ["broker", "--listener-url", url, "--advertised-listener-url", url]
         with open(self.log_path or os.devnull, "wb") as log:
             self._proc = subprocess.Popen(
-                [str(binary), "broker", "--listener-url", url, "--advertised-listener-url", url],
+                [*_DIE_WITH_PARENT, str(binary), *args],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,

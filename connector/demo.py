@@ -8,6 +8,7 @@ numbered and mirrored, until every produced update is held twice.
 from __future__ import annotations
 
 import asyncio
+import signal
 import tempfile
 import threading
 import time
@@ -82,7 +83,17 @@ def caught_up(view: ControlView, counts: Counter[tuple[str, int]]) -> bool:
     return True
 
 
+def _interrupt_on_sigterm() -> None:
+    """SIGTERM unwinds like Ctrl-C, so the demo never leaves workers or a broker behind."""
+
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def run_demo(records: int = 20_000, workers: int = 3) -> int:
+    _interrupt_on_sigterm()
     console = Console()
     with tempfile.TemporaryDirectory(prefix="tandem-demo-") as tmp, EmbeddedBroker() as broker:
         work = Path(tmp)

@@ -188,6 +188,7 @@ class MemberAnnouncement(Message):
     map_digest: str = ""
     owned: list[OwnedPortion]
     mirrored: list[MirroredPortion]
+    malformed: int = 0
 
 
 class PortionReport(BaseModel):

@@ -15,7 +15,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
-from connector.errors import BrokerUnavailable
+from connector.errors import BrokerUnavailable, TopicError
 
 
 @contextlib.asynccontextmanager
@@ -58,6 +58,12 @@ async def read_until_end(
     is not "there" yet), else the high watermark.
     """
     tps = list(partitions)
+    # Assigning a topic that does not exist would make some brokers create it with a
+    # default shape; listing all topics never does.
+    existing = await consumer.topics()
+    missing = sorted({tp.topic for tp in tps} - existing)
+    if missing:
+        raise TopicError(f"topic(s) {', '.join(missing)} do not exist")
     consumer.assign(tps)
     for tp in tps:
         if start and tp in start:

@@ -344,6 +344,7 @@ class Worker:
             map_digest=self.map.digest() if self.map else "",
             owned=owned,
             mirrored=mirrored,
+            malformed=self.store.malformed,
         )
 
     async def _announce(self, leaving: bool = False) -> None:

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from collections.abc import Callable
 
+import pytest
 from confluent_kafka.admin import AdminClient
 
 from connector.broker import EmbeddedBroker
+from connector.errors import BrokerUnavailable
 
 
 def _topics(bootstrap: str) -> dict[str, int]:
@@ -73,3 +76,14 @@ def test_two_brokers_run_at_once(unique: str, make_topics: Callable[..., None]) 
         make_topics(first.bootstrap, {f"only-first-{unique}": 2})
         assert f"only-first-{unique}" in _topics(first.bootstrap)
         assert f"only-first-{unique}" not in _topics(second.bootstrap)
+
+
+def test_taken_port_fails_fast_with_a_clear_error() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        port = sock.getsockname()[1]
+        started = time.monotonic()
+        with pytest.raises(BrokerUnavailable, match="Address in use"):
+            EmbeddedBroker(port).start(timeout=10)
+        assert time.monotonic() - started < 5
