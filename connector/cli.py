@@ -11,6 +11,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from connector.config import Settings, load_settings
 from connector.errors import TandemError
@@ -27,7 +28,7 @@ def _settings(config: Path | None) -> Settings:
     try:
         return load_settings(config)
     except TandemError as exc:
-        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
         raise typer.Exit(2) from exc
 
 
@@ -35,7 +36,7 @@ def _run(coro: object) -> None:
     try:
         asyncio.run(coro)  # type: ignore[arg-type]
     except TandemError as exc:
-        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
         raise typer.Exit(1) from exc
 
 

@@ -184,6 +184,21 @@ class Settings(BaseSettings):
         # The YAML file arrives as init kwargs; the environment must win over it.
         return (env_settings, init_settings)
 
+    @model_validator(mode="after")
+    def _backup_usable(self) -> Settings:
+        b = self.backup
+        security = [k for k in ClusterConfig.model_fields if k != "bootstrap_servers"]
+        if b.bootstrap_servers is None and any(getattr(b, k) is not None for k in security):
+            raise ValueError(
+                "backup security options need backup.bootstrap_servers; without it the "
+                "backup cluster is the source cluster and uses source's security options"
+            )
+        try:
+            self.backup_cluster  # noqa: B018 - built once here so a bad backup fails early
+        except ValidationError as exc:
+            raise ValueError("backup: " + _describe(exc).split(":", 1)[1].strip()) from exc
+        return self
+
     @property
     def backup_cluster(self) -> ClusterConfig:
         """The backup cluster, inheriting the source's address and security when not given."""

@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import sys
+from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
@@ -96,7 +97,7 @@ def decode(cls: type[M], data: bytes | None, schema_tag: bytes | None = None) ->
         raise MalformedMessage(f"cannot decode {cls.schema_name}: {exc}") from exc
 
 
-def header(headers: list[tuple[str, bytes | None]] | None, key: str) -> bytes | None:
+def header(headers: Sequence[tuple[str, bytes | None]] | None, key: str) -> bytes | None:
     for k, v in headers or ():
         if k == key:
             return v
@@ -204,6 +205,7 @@ class PortionReport(BaseModel):
     backup_next_offset: int
     checksum: str
     late: int = 0
+    max_timestamp: int = -1
     mirror: str | None = None
 
 
@@ -258,6 +260,7 @@ class ManifestPortion(BaseModel):
     backup_next_offset: int
     checksum: str
     late: int = 0
+    max_timestamp: int = -1
     owner: str
     mirror: str | None = None
 
@@ -297,6 +300,7 @@ class PortionMap(Message):
     schema_name: ClassVar[str] = "PortionMap"
     epoch: int
     coordinator: str
+    first_window: int = -1
     members: list[MapMember]
     portions: list[MapPortion]
 
@@ -327,6 +331,7 @@ class MemberMetadata(Message):
     name: str
     slot: int = -1
     epoch: int = 0
+    first_window: int = -1
     owned: list[HeldPortion] = []
     mirrored: list[HeldPortion] = []
     leaving: bool = False
@@ -338,7 +343,7 @@ CONTROL_TYPES: dict[str, type[Message]] = {
 }
 
 
-def decode_control(value: bytes | None, headers: list[tuple[str, bytes | None]]) -> Message:
+def decode_control(value: bytes | None, headers: Sequence[tuple[str, bytes | None]]) -> Message:
     """Decode a record of <group>.control by the schema its header names."""
     tag = header(headers, SCHEMA_HEADER)
     if tag is None:

@@ -184,9 +184,10 @@ class Worker:
         try:
             if self.sender is not None:
                 await asyncio.wait_for(self.sender.drain(), 10)
-            await self._announce(leaving=True)
+            if self._producer is not None:
+                await self._announce(leaving=True)
         except Exception as exc:
-            log.warning("while closing: %s", exc)
+            log.warning("while closing: %r", exc)
         finally:
             if self._consumer is not None:
                 await self._consumer.stop()

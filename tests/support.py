@@ -12,8 +12,8 @@ from typing import Any
 from aiokafka import TopicPartition
 from confluent_kafka import Producer
 
-from connector.errors import TopicError
 from connector.control import ControlView, read_control
+from connector.errors import TopicError
 from connector.fleet import WorkerProcess, write_config
 from connector.reader import read_until_end, standalone_consumer
 

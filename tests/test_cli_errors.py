@@ -126,11 +126,6 @@ def test_non_mapping_config_exits_2(tmp_path: Path) -> None:
     assert "mapping" in _flat(proc.stderr)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: cli.py prints TandemError text as rich markup; '[/x]' in a value raises "
-    "MarkupError (traceback, exit 1) instead of the config error",
-)
 def test_config_error_with_markup_like_text_is_printed(tmp_path: Path) -> None:
     path = _config(tmp_path, {"source": {"bootstrap_servers": "k:1", "topic_regex": "[/x]("}})
     proc, _ = _tandem("worker", "--config", str(path))
@@ -138,11 +133,6 @@ def test_config_error_with_markup_like_text_is_printed(tmp_path: Path) -> None:
     assert "topic_regex" in _flat(proc.stderr)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: cli.py prints TandemError text as rich markup; '[a-z]' in the user's "
-    "regex is swallowed as a style tag, so the message misquotes the value",
-)
 def test_config_error_quotes_the_value_verbatim(tmp_path: Path) -> None:
     regex = "orders-[a-z]+("
     path = _config(tmp_path, {"source": {"bootstrap_servers": "k:1", "topic_regex": regex}})
