@@ -94,6 +94,7 @@ def plan(
 
     portion_map = PortionMap(
         epoch=max(c.metadata.epoch for c in members.values()) + 1,
+        first_window=_first_window(members.values()),
         coordinator=members[coordinator].metadata.name,
         members=[
             MapMember(name=n, slot=slots[n], kafka_member_id=active[n])
@@ -108,6 +109,21 @@ def plan(
     for p in items:
         assignments[active[owners[p]]].append(p)
     return portion_map, assignments
+
+
+def _first_window(members: Iterable[Candidate]) -> int:
+    """Set 0's window is fixed once: members that held a map carry it; newcomers propose.
+
+    The value of the members that saw the newest map wins; among mere proposals, the
+    earliest, so no member's proposal lies in the past of another's first set.
+    """
+    known = [
+        (c.metadata.epoch, c.metadata.first_window) for c in members if c.metadata.first_window >= 0
+    ]
+    if not known:
+        return -1
+    newest = max(e for e, _ in known)
+    return min(w for e, w in known if e == newest)
 
 
 def _admit(members: Mapping[str, Candidate], max_slots: int) -> dict[str, str]:

@@ -256,7 +256,7 @@ def _set_exception(fut: asyncio.Future[Any], exc: Exception) -> None:
 
 def _wrap(err: KafkaError) -> TandemError:
     if err.code() in (
-        KafkaError._FENCED,
+        KafkaError._FENCED,  # noqa: SLF001 - librdkafka local error codes start with _
         KafkaError.PRODUCER_FENCED,
         KafkaError.INVALID_PRODUCER_EPOCH,
     ):

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from aiokafka import ConsumerRecord
 
 from connector.messages import MirroredRecord, RecordHeader
+from connector.sets import PortionSets, Windows
 
 Portion = tuple[str, int]
 
@@ -25,6 +26,7 @@ class PortionState:
     partition: int
     next_offset: int
     next_seq: int
+    sets: PortionSets
     mirror: str | None = None
     sequenced: int = 0
     unsecured: deque[MirroredRecord] = field(default_factory=deque)
@@ -56,6 +58,8 @@ class PortionState:
         self.next_seq = seq
         self.sequenced += len(out)
         self.unsecured.extend(out)
+        for rec in out:
+            self.sets.add(rec)
         return out
 
     def secure_through(self, last_seq: int) -> None:
@@ -64,19 +68,38 @@ class PortionState:
             self.unsecured.popleft()
 
     @classmethod
-    def from_copies(
-        cls, portion: Portion, copies: list[MirroredRecord], base_offset: int, base_seq: int
+    def resume(
+        cls,
+        portion: Portion,
+        windows: Windows,
+        *,
+        set_id: int,
+        base_offset: int,
+        base_seq: int,
+        copies: list[MirroredRecord],
     ) -> PortionState:
-        """Continue after the mirrored copies that lie past the base (the last secured point)."""
-        state = cls(portion[0], portion[1], next_offset=base_offset, next_seq=base_seq)
+        """Continue after the last secured point (set_id starts there) and the copies past it.
+
+        The copies are re-cut into sets by the same rule the previous owner used, so the
+        open set is rewritten whole from them.
+        """
+        state = cls(
+            portion[0],
+            portion[1],
+            next_offset=base_offset,
+            next_seq=base_seq,
+            sets=PortionSets(windows, set_id, base_offset, base_seq),
+        )
         for rec in copies:
-            if rec.seq >= state.next_seq and rec.offset >= state.next_offset:
-                if rec.seq != state.next_seq:
-                    raise RuntimeError(
-                        f"{portion}: mirrored copies skip from seq {state.next_seq - 1} "
-                        f"to {rec.seq}"
-                    )
-                state.unsecured.append(rec)
-                state.next_seq = rec.seq + 1
-                state.next_offset = rec.offset + 1
+            if rec.seq < state.next_seq:
+                continue
+            if rec.seq != state.next_seq or rec.offset < state.next_offset:
+                raise RuntimeError(
+                    f"{portion}: mirrored copies do not continue at seq {state.next_seq} / "
+                    f"offset {state.next_offset} (found seq {rec.seq} at offset {rec.offset})"
+                )
+            state.unsecured.append(rec)
+            state.sets.add(rec)
+            state.next_seq = rec.seq + 1
+            state.next_offset = rec.offset + 1
         return state

@@ -40,7 +40,9 @@ class Windows:
         return now_ms // interval_ms + 1
 
 
-def checksum(records: Iterable[tuple[bytes | None, bytes | None, Sequence[tuple[str, bytes | None]], int]]) -> str:
+def checksum(
+    records: Iterable[tuple[bytes | None, bytes | None, Sequence[tuple[str, bytes | None]], int]],
+) -> str:
     """Digest of a set's records of one portion: key, value, original headers, timestamp.
 
     Length-prefixed so no two different records hash alike by shifting bytes between fields;

@@ -1,0 +1,230 @@
+"""Protocol step 4: the coordinator commits sets.
+
+The coordinator is the group leader of the current map. It reads owners' reports
+(read_committed, so a report exists only if its records do), and writes manifest N when
+every portion of the current map has a report for N from the portion's owner in the map of
+the report's epoch. Manifests are written in order with a transactional id that belongs to
+the role, so a newly elected coordinator fences the previous one; and a new coordinator
+resumes from the last manifest, so set ids stay contiguous and none is written twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from typing import Any
+
+from aiokafka import TopicPartition
+
+from connector.clients import AsyncProducer, Outgoing
+from connector.errors import MalformedMessage
+from connector.messages import (
+    SCHEMA_HEADER,
+    Manifest,
+    ManifestPortion,
+    PortionMap,
+    PortionReport,
+    SetReport,
+    decode,
+    decode_control,
+    header,
+)
+from connector.reader import read_until_end, standalone_consumer
+from connector.sets import Windows
+
+log = logging.getLogger(__name__)
+
+Portion = tuple[str, int]
+
+
+async def read_manifests(client: dict[str, Any], topic: str) -> dict[int, Manifest]:
+    """Every committed manifest by set id (the first one written for an id wins)."""
+    out: dict[int, Manifest] = {}
+    async with standalone_consumer(client) as consumer:
+        async for _tp, records in read_until_end(consumer, [TopicPartition(topic, 0)]):
+            for r in records:
+                try:
+                    m = decode(Manifest, r.value, header(r.headers, SCHEMA_HEADER))
+                except MalformedMessage as exc:
+                    log.warning("skipping malformed record on %s at %d: %s", topic, r.offset, exc)
+                    continue
+                out.setdefault(m.set_id, m)
+    return out
+
+
+class ReportBook:
+    """Valid reports by set and portion, and the maps that make them valid."""
+
+    def __init__(self) -> None:
+        self.maps: dict[int, PortionMap] = {}
+        self.reports: dict[int, dict[Portion, tuple[SetReport, PortionReport]]] = defaultdict(dict)
+        self._pending: list[SetReport] = []
+
+    def add_map(self, m: PortionMap) -> None:
+        self.maps[m.epoch] = m
+        pending, self._pending = self._pending, []
+        for r in pending:
+            self.add_report(r)
+
+    def add_report(self, report: SetReport) -> None:
+        m = self.maps.get(report.epoch)
+        if m is None:
+            self._pending.append(report)  # its map is published, just not read yet
+            return
+        for pr in report.portions:
+            entry = m.portion(pr.topic, pr.partition)
+            if entry is None or entry.owner != report.member:
+                log.warning(
+                    "ignoring report of set %d for %s[%d] by %s: not its owner in epoch %d",
+                    report.set_id,
+                    pr.topic,
+                    pr.partition,
+                    report.member,
+                    report.epoch,
+                )
+                continue
+            have = self.reports[report.set_id].get((pr.topic, pr.partition))
+            if have is None or have[0].epoch < report.epoch:
+                self.reports[report.set_id][(pr.topic, pr.partition)] = (report, pr)
+
+    @property
+    def latest_map(self) -> PortionMap | None:
+        return self.maps[max(self.maps)] if self.maps else None
+
+    def latest(self, portion: Portion) -> tuple[int, PortionReport] | None:
+        best: tuple[int, PortionReport] | None = None
+        for set_id, by_portion in self.reports.items():
+            got = by_portion.get(portion)
+            if got is not None and (best is None or set_id > best[0]):
+                best = (set_id, got[1])
+        return best
+
+
+async def read_reports(client: dict[str, Any], topic: str) -> ReportBook:
+    book = ReportBook()
+    async with standalone_consumer(client) as consumer:
+        async for _tp, records in read_until_end(consumer, [TopicPartition(topic, 0)]):
+            for r in records:
+                _file(book, r.value, r.headers)
+    return book
+
+
+def _file(book: ReportBook, value: bytes | None, headers: Any) -> None:
+    try:
+        msg = decode_control(value, headers)
+    except MalformedMessage as exc:
+        log.warning("skipping malformed control record: %s", exc)
+        return
+    if isinstance(msg, PortionMap):
+        book.add_map(msg)
+    elif isinstance(msg, SetReport):
+        book.add_report(msg)
+
+
+class Coordinator:
+    def __init__(
+        self,
+        *,
+        group: str,
+        member: str,
+        client: dict[str, Any],
+        producer_conf: dict[str, Any],
+        control_topic: str,
+        sets_topic: str,
+        prefix: str,
+        interval_ms: int,
+        current_map: Callable[[], PortionMap | None],
+    ) -> None:
+        self._group = group
+        self._member = member
+        self._client = client
+        self._conf = producer_conf
+        self._control = control_topic
+        self._sets = sets_topic
+        self._prefix = prefix
+        self._interval_ms = interval_ms
+        self._current_map = current_map
+        self.last_committed = -1
+        self.book = ReportBook()
+
+    async def run(self) -> None:
+        producer = AsyncProducer(self._conf, transactional_id=f"{self._group}.coordinator")
+        try:
+            await producer.init_transactions()
+            manifests = await read_manifests(self._client, self._sets)
+            self.last_committed = max(manifests, default=-1)
+            log.info("coordinator %s: resuming after set %d", self._member, self.last_committed)
+            async with standalone_consumer(self._client) as consumer:
+                tp = TopicPartition(self._control, 0)
+                consumer.assign([tp])
+                await consumer.seek_to_beginning(tp)
+                while True:
+                    batch = await consumer.getmany(tp, timeout_ms=200, max_records=5000)
+                    for r in batch.get(tp, []):
+                        _file(self.book, r.value, r.headers)
+                    while await self._commit_next(producer):
+                        pass
+        finally:
+            await producer.close()
+
+    async def _commit_next(self, producer: AsyncProducer) -> bool:
+        m = self._current_map()
+        if m is None or m.first_window < 0:
+            return False
+        self.book.add_map(m)
+        n = self.last_committed + 1
+        got = self.book.reports.get(n, {})
+        if not m.portions or any((p.topic, p.partition) not in got for p in m.portions):
+            return False
+        windows = Windows(self._interval_ms, m.first_window)
+        portions = []
+        for p in sorted(m.portions, key=lambda p: (p.topic, p.partition)):
+            report, pr = got[(p.topic, p.partition)]
+            portions.append(
+                ManifestPortion(
+                    topic=pr.topic,
+                    partition=pr.partition,
+                    first_offset=pr.first_offset,
+                    next_offset=pr.next_offset,
+                    first_seq=pr.first_seq,
+                    last_seq=pr.last_seq,
+                    count=pr.count,
+                    backup_topic=f"{self._prefix}{pr.topic}",
+                    backup_first_offset=pr.backup_first_offset,
+                    backup_next_offset=pr.backup_next_offset,
+                    checksum=pr.checksum,
+                    late=pr.late,
+                    max_timestamp=pr.max_timestamp,
+                    owner=report.member,
+                    mirror=pr.mirror,
+                )
+            )
+        manifest = Manifest(
+            set_id=n,
+            group=self._group,
+            window_start_ms=windows.start_ms(n),
+            window_end_ms=windows.end_ms(n),
+            committed_ms=int(time.time() * 1000),
+            epoch=m.epoch,
+            coordinator=self._member,
+            members=[mm.name for mm in m.members],
+            late=sum(p.late for p in portions),
+            portions=portions,
+        )
+        await producer.begin()
+        await producer.send(
+            Outgoing(self._sets, manifest.encode(), str(n).encode(), headers=manifest.headers())
+        )
+        await asyncio.wait_for(producer.commit(), 30)
+        self.last_committed = n
+        self.book.reports.pop(n, None)
+        log.info(
+            "committed set %d: %d records, %d late",
+            n,
+            sum(p.count for p in portions),
+            manifest.late,
+        )
+        return True
