@@ -80,34 +80,110 @@ def status(
 ) -> None:
     """Show the group's members, the portion map and what each worker holds."""
     from connector.control import read_control
-    from connector.status import map_table, members_rows, members_table
+    from connector.coordinator import read_manifests
+    from connector.status import map_table, members_rows, members_table, rpo_seconds
 
     settings = _settings(config)
 
     async def show() -> None:
-        view = await read_control(settings.backup_cluster.aiokafka(), settings.control_topic)
+        client = settings.backup_cluster.aiokafka()
+        view = await read_control(client, settings.control_topic)
+        manifests = await read_manifests(client, settings.sets_topic)
+        last = manifests[max(manifests)] if manifests else None
         stale = int(settings.source.session_timeout_ms + 3000 * settings.announce_interval_s)
         rows = members_rows(view, stale)
+        m = view.latest_map
+        unprotected = [
+            f"{p.topic}[{p.partition}]" for p in (m.portions if m else []) if p.mirror is None
+        ]
+        summary = {
+            "last_set": last.set_id if last else None,
+            "rpo_s": rpo_seconds(last),
+            "unprotected": unprotected,
+        }
         if as_json:
-            m = view.latest_map
-            print(json.dumps({"members": rows, "map": m.model_dump() if m else None}, indent=2))
+            print(
+                json.dumps(
+                    {"members": rows, "map": m.model_dump() if m else None, **summary}, indent=2
+                )
+            )
             return
         out = Console()
         out.print(members_table(rows))
         out.print(map_table(view))
+        out.print(
+            f"last committed set: {summary['last_set']}   RPO: {summary['rpo_s']} s   "
+            f"unprotected portions: {', '.join(unprotected) or 'none'}"
+        )
 
     _run(show())
 
 
 @app.command()
+def sets(
+    config: ConfigOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="keep listing new sets")] = False,
+) -> None:
+    """List committed sets (a set exists when its manifest is written)."""
+    from connector.coordinator import read_manifests
+    from connector.status import sets_rows, sets_table
+
+    settings = _settings(config)
+
+    async def show() -> None:
+        client = settings.backup_cluster.aiokafka()
+        seen = -1
+        while True:
+            manifests = await read_manifests(client, settings.sets_topic)
+            new = {k: v for k, v in manifests.items() if k > seen}
+            if as_json:
+                for row in sets_rows(new):
+                    print(json.dumps(row), flush=True)
+            elif new:
+                Console().print(sets_table(sets_rows(new)))
+            seen = max(manifests, default=seen)
+            if not follow:
+                return
+            await asyncio.sleep(1)
+
+    _run(show())
+
+
+@app.command()
+def verify(
+    config: ConfigOpt = None,
+    set_id: Annotated[int | None, typer.Option("--set", help="verify this set only")] = None,
+    all_sets: Annotated[bool, typer.Option("--all", help="verify every committed set")] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+) -> None:
+    """Check primary, backup and manifests independently; exit 1 on any mismatch."""
+    from connector.verify import render
+    from connector.verify import verify as run_verify
+
+    settings = _settings(config)
+    try:
+        result = asyncio.run(run_verify(settings, set_id=set_id, all_sets=all_sets))
+    except TandemError as exc:
+        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
+        raise typer.Exit(2) from exc
+    if as_json:
+        print(json.dumps(result.to_json(), indent=2))
+    else:
+        render(result, Console())
+    raise typer.Exit(0 if result.ok else 1)
+
+
+@app.command()
 def demo(
-    records: Annotated[int, typer.Option(help="records to produce")] = 20_000,
+    seconds: Annotated[float, typer.Option(help="how long producers run")] = 30,
+    rate: Annotated[int, typer.Option(help="records per second, all producers")] = 2000,
     workers: Annotated[int, typer.Option(help="workers to run")] = 3,
 ) -> None:
     """The one-command tour: embedded broker, producers, workers, the map and the counts."""
     from connector.demo import run_demo
 
-    raise typer.Exit(run_demo(records=records, workers=workers))
+    raise typer.Exit(run_demo(seconds=seconds, rate=rate, workers=workers))
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from typing import Any
 from rich.table import Table
 
 from connector.control import ControlView
+from connector.messages import Manifest
 
 
 def members_rows(view: ControlView, stale_ms: int) -> list[dict[str, Any]]:
@@ -65,3 +66,47 @@ def map_table(view: ControlView) -> Table:
         for p in sorted(m.portions, key=lambda p: (p.topic, p.partition)):
             table.add_row(f"{p.topic}[{p.partition}]", p.owner, p.mirror or "UNPROTECTED")
     return table
+
+
+def sets_rows(manifests: dict[int, Manifest]) -> list[dict[str, Any]]:
+    return [
+        {
+            "set": m.set_id,
+            "window_end": time.strftime("%H:%M:%S", time.localtime(m.window_end_ms / 1000)),
+            "records": sum(p.count for p in m.portions),
+            "late": m.late,
+            "portions": len(m.portions),
+            "epoch": m.epoch,
+            "coordinator": m.coordinator,
+            "commit_lag_s": round((m.committed_ms - m.window_end_ms) / 1000, 2),
+        }
+        for m in (manifests[k] for k in sorted(manifests))
+    ]
+
+
+def sets_table(rows: list[dict[str, Any]], title: str = "committed sets") -> Table:
+    table = Table(title=title)
+    for col in (
+        "set",
+        "window_end",
+        "records",
+        "late",
+        "portions",
+        "epoch",
+        "coordinator",
+        "commit_lag_s",
+    ):
+        table.add_column(col.replace("_", " "), justify="left" if col == "coordinator" else "right")
+    for row in rows:
+        table.add_row(*(str(v) for v in row.values()))
+    return table
+
+
+def rpo_seconds(last: Manifest | None, now_ms: int | None = None) -> float | None:
+    """Age of the newest update in the last committed set: what a restore now would lose."""
+    if last is None:
+        return None
+    newest = max((p.max_timestamp for p in last.portions), default=-1)
+    if newest < 0:
+        newest = last.window_end_ms
+    return round(((now_ms or int(time.time() * 1000)) - newest) / 1000, 2)
