@@ -23,6 +23,7 @@ async def standalone_consumer(
     client: dict[str, Any], *, read_committed: bool = True, **extra: Any
 ) -> AsyncIterator[AIOKafkaConsumer]:
     """A consumer outside any group: it assigns partitions itself and commits nothing."""
+    extra.setdefault("fetch_max_wait_ms", 100)  # reads to the end: don't idle at each partition
     consumer = AIOKafkaConsumer(
         **client,
         group_id=None,

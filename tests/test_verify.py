@@ -498,3 +498,89 @@ async def test_render_lists_problems(scenario: Scenario) -> None:
     text = out.getvalue()
     assert "missing" in text and "problem" in text
     assert text.strip().endswith(f"{len(result.problems)} problems") or "1 problem" in text
+
+
+def commit_group(scenario: Scenario, offsets: dict[int, int]) -> None:
+    from confluent_kafka import Consumer, TopicPartition
+
+    c = Consumer({"bootstrap.servers": scenario.bootstrap, "group.id": scenario.group})
+    try:
+        tps = [TopicPartition(scenario.topic, p, o) for p, o in offsets.items()]
+        c.commit(offsets=tps, asynchronous=False)
+    finally:
+        c.close()
+
+
+async def test_group_offsets_at_cuts_are_ok(scenario: Scenario) -> None:
+    ms = scenario.build()
+    commit_group(scenario, {0: ms[1].portions[0].next_offset, 1: ms[2].portions[1].next_offset})
+    result = await scenario.verify()
+    assert result.ok, [p.message for p in result.problems]
+
+
+async def test_group_offset_beyond_last_cut(scenario: Scenario) -> None:
+    ms = scenario.build(edit=lambda ms: ms[:2])
+    cut = ms[1].portions[0].next_offset
+    commit_group(scenario, {0: cut + 1})
+    result = await scenario.verify()
+    (p,) = only(result, "offset-ahead")
+    assert p.portion == (scenario.topic, 0)
+    assert str(cut) in p.message and str(cut + 1) in p.message
+
+
+async def test_transactional_backup_with_aborted_zombie(scenario: Scenario) -> None:
+    """Owners write each set in a transaction: markers leave offset gaps, and an aborted
+    transaction of a fenced owner lies inside a set's range; neither may count."""
+    plan = scenario.backup_plan()
+    owner = Producer(
+        {"bootstrap.servers": scenario.bootstrap, "transactional.id": "o-" + scenario.group}
+    )
+    zombie = Producer(
+        {"bootstrap.servers": scenario.bootstrap, "transactional.id": "z-" + scenario.group}
+    )
+    owner.init_transactions(10)
+    zombie.init_transactions(10)
+    ranges: dict[tuple[int, int], list[int]] = {}
+
+    def send(p: Producer, partition: int, r: BackupRec, key: tuple[int, int] | None) -> None:
+        def done(err: Any, msg: Any) -> None:
+            assert err is None, err
+            if key is not None:
+                ranges.setdefault(key, []).append(msg.offset())
+
+        p.produce(
+            scenario.backup_topic,
+            key=r.key,
+            value=r.value,
+            partition=partition,
+            headers=r.headers or None,
+            timestamp=r.ts,
+            on_delivery=done,
+        )
+
+    for set_id in range(SETS):
+        if set_id == 1:  # a zombie's half-written set 1, then aborted
+            zombie.begin_transaction()
+            for r in plan[(1, 0)]:
+                hs = [(k, b"w-dead" if k == "tandem.owner" else v) for k, v in r.headers]
+                send(zombie, 0, BackupRec(r.key, b"zombie", hs, r.ts), None)
+            zombie.flush(10)
+            zombie.abort_transaction(10)
+        owner.begin_transaction()
+        for partition in scenario.primary:
+            for r in plan[(set_id, partition)]:
+                send(owner, partition, r, (set_id, partition))
+        owner.commit_transaction(10)
+    for (set_id, partition), offs in ranges.items():
+        scenario.backup_offsets[(set_id, partition)] = (offs[0], offs[-1] + 1)
+    for set_id in range(SETS):
+        for partition in scenario.primary:
+            scenario.backup_offsets.setdefault((set_id, partition), (-1, -1))
+    ms = scenario.manifests()
+    # the zombie's records lie in set 1's range only if the range is widened to them
+    zb = scenario.backup_offsets[(0, 0)][1]
+    ms[1] = portion_manifest(ms[1], 0, backup_first_offset=zb)
+    scenario.write_manifests(ms)
+    result = await scenario.verify()
+    assert result.ok, [p.message for p in result.problems]
+    assert result.portions[(scenario.topic, 0)].ignored >= len(plan[(1, 0)])
