@@ -185,21 +185,9 @@ class Coordinator:
             report, pr = got[(p.topic, p.partition)]
             portions.append(
                 ManifestPortion(
-                    topic=pr.topic,
-                    partition=pr.partition,
-                    first_offset=pr.first_offset,
-                    next_offset=pr.next_offset,
-                    first_seq=pr.first_seq,
-                    last_seq=pr.last_seq,
-                    count=pr.count,
+                    **pr.model_dump(),
                     backup_topic=f"{self._prefix}{pr.topic}",
-                    backup_first_offset=pr.backup_first_offset,
-                    backup_next_offset=pr.backup_next_offset,
-                    checksum=pr.checksum,
-                    late=pr.late,
-                    max_timestamp=pr.max_timestamp,
                     owner=report.member,
-                    mirror=pr.mirror,
                 )
             )
         manifest = Manifest(
