@@ -17,7 +17,7 @@ from connector.config import Settings, load_settings
 from connector.errors import TandemError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # messages print whole, never folded
 
 ConfigOpt = Annotated[
     Path | None, typer.Option("--config", "-c", help="YAML config; TANDEM_* env vars override it")
