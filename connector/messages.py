@@ -246,23 +246,11 @@ class Handover(Message):
     next_seq: int
 
 
-class ManifestPortion(BaseModel):
-    model_config = ConfigDict(frozen=True)
-    topic: str
-    partition: int
-    first_offset: int
-    next_offset: int
-    first_seq: int
-    last_seq: int
-    count: int
+class ManifestPortion(PortionReport):
+    """A portion's report as the manifest commits it, with where and by whom it was written."""
+
     backup_topic: str
-    backup_first_offset: int
-    backup_next_offset: int
-    checksum: str
-    late: int = 0
-    max_timestamp: int = -1
     owner: str
-    mirror: str | None = None
 
 
 class Manifest(Message):
