@@ -39,6 +39,7 @@ from connector.messages import (
 )
 from connector.mirror import MirrorSender, MirrorStore, read_copies
 from connector.owner import Portion, PortionState
+from connector.reader import standalone_consumer
 from connector.sets import Windows
 
 log = logging.getLogger(__name__)
@@ -110,7 +111,6 @@ class Worker:
         self._first_window = -1
         self._interval_ms = int(settings.window.interval_s * 1000)
         self._grace_ms = int(settings.window.grace_s * 1000)
-        self._topics: dict[str, int] = {}
         self._previous_map: PortionMap | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -120,7 +120,6 @@ class Worker:
         topics = await primary_topics(self._admin, s)
         if not topics and not s.source.topic_regex:
             raise TopicError("no primary topics to back up")
-        self._topics = topics
         await self._backup_admin.ensure_topics(
             internal_topics(s) + [TopicSpec(s.backup_topic(t), n) for t, n in topics.items()]
         )
@@ -413,8 +412,11 @@ class Worker:
         """
         assert self._consumer is not None
         s = self.settings
+        book = None
         if previous is None:
-            previous = (await read_reports(self._backup_client, s.control_topic)).latest_map
+            book = await read_reports(self._backup_client, s.control_topic)
+            previous = book.latest_map
+        stale: list[str] = []
         if previous is not None:
             alive = {m.name for m in new_map.members}
             gone = {
@@ -422,14 +424,15 @@ class Worker:
             }
             slots = {m.name: m.slot for m in previous.members}
             taken = {m.slot for m in new_map.members}
-            await asyncio.gather(
-                *(
-                    fence(s.backup_cluster.confluent(), transactional_id(s.group, slots[g]))
-                    for g in sorted(gone)
-                    if g in slots and slots[g] not in taken
-                )
-            )
-        book = await read_reports(self._backup_client, s.control_topic)
+            stale = [
+                transactional_id(s.group, slots[g])
+                for g in sorted(gone)
+                if g in slots and slots[g] not in taken
+            ]
+            await asyncio.gather(*(fence(s.backup_cluster.confluent(), t) for t in stale))
+        if book is None or stale:
+            # Reports are read after the fence, so no departed owner's transaction is open.
+            book = await read_reports(self._backup_client, s.control_topic)
         manifests = await read_manifests(self._backup_client, s.sets_topic)
         last = manifests[max(manifests)] if manifests else None
         copies = await read_copies(
@@ -474,8 +477,6 @@ class Worker:
     async def _follow_manifests(self) -> None:
         """Once a set is committed: commit primary offsets at its cuts, drop its copies."""
         assert self._consumer is not None
-        from connector.reader import standalone_consumer
-
         async with standalone_consumer(self._backup_client) as consumer:
             tp = TopicPartition(self.settings.sets_topic, 0)
             consumer.assign([tp])
