@@ -97,6 +97,11 @@ class SourceConfig(ClusterConfig):
     topic_regex: str | None = None
     session_timeout_ms: int = Field(default=10_000, ge=1_000)
     start_from: Literal["earliest", "latest"] = "earliest"
+    static_membership: bool = Field(
+        default=False,
+        description="join with group.instance.id = member_id, so a restarted pod takes its "
+        "place back without a rebalance (Kafka >= 2.3; the embedded broker ignores it)",
+    )
 
     @model_validator(mode="after")
     def _topics_given(self) -> SourceConfig:

@@ -19,12 +19,19 @@ from typing import Any
 
 from aiokafka import TopicPartition
 
+from connector.assignor import Candidate, plan
 from connector.clients import AsyncProducer, Outgoing
 from connector.errors import MalformedMessage
 from connector.messages import (
     SCHEMA_HEADER,
+    Handover,
+    HandoverMove,
+    HeldPortion,
     Manifest,
     ManifestPortion,
+    MemberAnnouncement,
+    MemberMetadata,
+    Message,
     PortionMap,
     PortionReport,
     SetReport,
@@ -112,16 +119,73 @@ async def read_reports(client: dict[str, Any], topic: str) -> ReportBook:
     return book
 
 
-def _file(book: ReportBook, value: bytes | None, headers: Any) -> None:
+def _file(book: ReportBook, value: bytes | None, headers: Any) -> Message | None:
     try:
         msg = decode_control(value, headers)
     except MalformedMessage as exc:
         log.warning("skipping malformed control record: %s", exc)
-        return
+        return None
     if isinstance(msg, PortionMap):
         book.add_map(msg)
     elif isinstance(msg, SetReport):
         book.add_report(msg)
+    return msg
+
+
+def plan_handover(
+    m: PortionMap, joining: list[str], leaving: list[str], *, max_slots: int
+) -> list[HandoverMove]:
+    """The portions the next rebalance will move, predicted with the assignor's own ``plan``.
+
+    Members are described as the map knows them and leavers are left out, exactly as the
+    group will look once the joiners joined and the leavers left; a prediction that turns
+    out wrong (another member fails meanwhile) only means that portion moves mid-set, which
+    takeover handles like a failure.
+    """
+    topics = frozenset(p.topic for p in m.portions)
+
+    def held(name: str, role: str) -> list[HeldPortion]:
+        return [
+            HeldPortion(topic=p.topic, partition=p.partition)
+            for p in m.portions
+            if getattr(p, role) == name
+        ]
+
+    members = {
+        mm.name: Candidate(
+            MemberMetadata(
+                name=mm.name,
+                slot=mm.slot,
+                epoch=m.epoch,
+                first_window=m.first_window,
+                owned=held(mm.name, "owner"),
+                mirrored=held(mm.name, "mirror"),
+            ),
+            topics,
+        )
+        for mm in m.members
+        if mm.name not in leaving
+    }
+    for name in joining:
+        members[name] = Candidate(MemberMetadata(name=name), topics)
+    if not members:
+        return []
+    planned, _ = plan(
+        members,
+        [(p.topic, p.partition) for p in m.portions],
+        coordinator=min(members),
+        max_slots=max_slots,
+    )
+    moves = []
+    for p in m.portions:
+        entry = planned.portion(p.topic, p.partition)
+        if entry is not None and entry.owner != p.owner:
+            moves.append(
+                HandoverMove(
+                    topic=p.topic, partition=p.partition, from_member=p.owner, to_member=entry.owner
+                )
+            )
+    return moves
 
 
 class Coordinator:
@@ -137,6 +201,8 @@ class Coordinator:
         prefix: str,
         interval_ms: int,
         current_map: Callable[[], PortionMap | None],
+        max_slots: int,
+        request_fresh_ms: int,
     ) -> None:
         self._group = group
         self._member = member
@@ -147,8 +213,12 @@ class Coordinator:
         self._prefix = prefix
         self._interval_ms = interval_ms
         self._current_map = current_map
+        self._max_slots = max_slots
+        self._fresh_ms = request_fresh_ms
         self.last_committed = -1
         self.book = ReportBook()
+        self.requests: dict[str, MemberAnnouncement] = {}
+        self.handover: Handover | None = None
 
     async def run(self) -> None:
         producer = AsyncProducer(self._conf, transactional_id=f"{self._group}.coordinator")
@@ -164,11 +234,62 @@ class Coordinator:
                 while True:
                     batch = await consumer.getmany(tp, timeout_ms=200, max_records=5000)
                     for r in batch.get(tp, []):
-                        _file(self.book, r.value, r.headers)
+                        msg = _file(self.book, r.value, r.headers)
+                        if isinstance(msg, MemberAnnouncement):
+                            self.requests[msg.member] = msg
+                        elif isinstance(msg, Handover):
+                            self.handover = msg
                     while await self._commit_next(producer):
                         pass
+                    await self._plan_membership(producer)
         finally:
             await producer.close()
+
+    async def _plan_membership(self, producer: AsyncProducer) -> None:
+        """Turn join and leave requests into one handover at the next reachable boundary.
+
+        One change at a time: while a handover for the current map is pending, newer
+        requests wait for the map it produces. A handover whose joiners never came (they
+        died) lapses two sets after its boundary, and the next one supersedes it.
+        """
+        m = self._current_map()
+        if m is None or m.first_window < 0 or not m.portions:
+            return
+        now = int(time.time() * 1000)
+        fresh = {n: a for n, a in self.requests.items() if now - a.at_ms <= self._fresh_ms}
+        names = {mm.name for mm in m.members}
+        joining = sorted(n for n, a in fresh.items() if a.joining and n not in names)
+        leaving = sorted(n for n, a in fresh.items() if a.leaving and n in names)
+        if not joining and not leaving:
+            return
+        h = self.handover
+        if h is not None and h.epoch == m.epoch and self.last_committed <= h.set_id + 2:
+            return
+        windows = Windows(self._interval_ms, m.first_window)
+        # Owners must hear of the boundary before any record stamped after it exists.
+        boundary = max(self.last_committed + 1, windows.set_at(now + 1000))
+        handover = Handover(
+            epoch=m.epoch,
+            set_id=boundary,
+            at_ms=now,
+            coordinator=self._member,
+            joining=joining,
+            leaving=leaving,
+            moves=plan_handover(m, joining, leaving, max_slots=self._max_slots),
+            reason=", ".join([f"{n} joins" for n in joining] + [f"{n} leaves" for n in leaving]),
+        )
+        await producer.begin()
+        await producer.send(
+            Outgoing(self._control, handover.encode(), b"handover", headers=handover.headers())
+        )
+        await asyncio.wait_for(producer.commit(), 30)
+        self.handover = handover
+        log.info(
+            "handover at set %d (%s): %d portions move",
+            boundary,
+            handover.reason,
+            len(handover.moves),
+        )
 
     async def _commit_next(self, producer: AsyncProducer) -> bool:
         m = self._current_map()

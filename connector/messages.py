@@ -135,6 +135,7 @@ class MirrorEnvelope(Message):
     last_seq: int
     set_id: int = -1
     records: list[MirroredRecord]
+    handoff: bool = False
 
     def headers(self) -> list[tuple[str, bytes]]:
         return [
@@ -190,6 +191,7 @@ class MemberAnnouncement(Message):
     owned: list[OwnedPortion]
     mirrored: list[MirroredPortion]
     malformed: int = 0
+    joining: bool = False
 
 
 class PortionReport(BaseModel):
@@ -234,16 +236,34 @@ class Acknowledgement(Message):
     request_id: str | None = None
 
 
-class Handover(Message):
-    schema_name: ClassVar[str] = "Handover"
-    set_id: int
-    epoch: int
-    from_member: str
-    to_member: str | None = None
+class HandoverMove(BaseModel):
+    model_config = ConfigDict(frozen=True)
     topic: str
     partition: int
-    next_offset: int
-    next_seq: int
+    from_member: str
+    to_member: str
+
+
+class Handover(Message):
+    """A membership change planned at a set boundary (protocol step 5).
+
+    The old owners of ``moves`` stop their portions at the cut of ``set_id``; joiners join
+    and leavers leave once manifest ``set_id`` is committed, so the set in formation is
+    never split between two owners.
+    """
+
+    schema_name: ClassVar[str] = "Handover"
+    epoch: int
+    set_id: int
+    at_ms: int
+    coordinator: str
+    joining: list[str] = []
+    leaving: list[str] = []
+    moves: list[HandoverMove] = []
+    reason: str = ""
+
+    def moving_from(self, member: str) -> list[tuple[str, int]]:
+        return [(m.topic, m.partition) for m in self.moves if m.from_member == member]
 
 
 class ManifestPortion(PortionReport):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ from connector.reader import read_until_end, standalone_consumer
 log = logging.getLogger(__name__)
 
 Portion = tuple[str, int]
+SYNC: Portion = ("", -1)  # the pseudo-portion of a worker's marker to itself
 
 
 def _record_size(r: MirroredRecord) -> int:
@@ -213,6 +215,7 @@ class MirrorStore:
         self._topic = topic
         self._member = member
         self.portions: dict[Portion, _Held] = {}
+        self.handed: dict[Portion, int] = {}  # portion -> last seq a surviving mirror passed on
         self.malformed = 0
         self.foreign = 0
 
@@ -229,6 +232,9 @@ class MirrorStore:
         if env.mirror != self._member:
             self.foreign += 1
             return
+        if env.handoff and not env.records:
+            self.handed[(env.topic, env.partition)] = env.last_seq
+            return
         h = self.portions.setdefault((env.topic, env.partition), _Held(owner=env.owner))
         h.owner = env.owner
         for rec in env.records:
@@ -243,6 +249,26 @@ class MirrorStore:
         if h is not None:
             h.copies = {s: r for s, r in h.copies.items() if s > last_seq}
 
+    def take(self, portion: Portion) -> list[MirroredRecord]:
+        """Give up the copies of a portion this worker now owns, in sequence order."""
+        h = self.portions.pop(portion, None)
+        self.handed.pop(portion, None)
+        return [h.copies[s] for s in sorted(h.copies)] if h else []
+
+    async def marker(self, portion: Portion, timeout_s: float, token: int | None = None) -> bool:
+        """Wait for the empty envelope that ends a handoff (or carries ``token``).
+
+        Markers travel behind the copies in the same partition, so once one is read
+        everything sent before it has been read too: a worker that sends itself a
+        ``SYNC`` marker knows it holds every envelope acknowledged before it sent it.
+        """
+        deadline = time.monotonic() + timeout_s
+        while self.handed.get(portion) is None or token not in (None, self.handed[portion]):
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.02)
+        return True
+
     async def run(self, slot: int) -> None:
         consumer = AIOKafkaConsumer(
             **self._client,
@@ -250,6 +276,7 @@ class MirrorStore:
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             isolation_level="read_committed",
+            fetch_max_wait_ms=100,
         )
         await consumer.start()
         try:
@@ -261,6 +288,61 @@ class MirrorStore:
                         self.accept(r.value, list(r.headers))
         finally:
             await consumer.stop()
+
+
+def handoff_envelopes(
+    *,
+    group: str,
+    owner: str,
+    to: str,
+    epoch: int,
+    portion: Portion,
+    copies: list[MirroredRecord],
+    batch_records: int,
+) -> list[MirrorEnvelope]:
+    """A surviving mirror's copies for a portion's new owner, closed by an empty envelope."""
+    out = []
+    for i in range(0, len(copies), batch_records):
+        chunk = copies[i : i + batch_records]
+        out.append(
+            MirrorEnvelope(
+                group=group,
+                owner=owner,
+                mirror=to,
+                epoch=epoch,
+                topic=portion[0],
+                partition=portion[1],
+                first_seq=chunk[0].seq,
+                last_seq=chunk[-1].seq,
+                records=chunk,
+                handoff=True,
+            )
+        )
+    last = copies[-1].seq if copies else -1
+    out.append(
+        marker_envelope(
+            group=group, owner=owner, to=to, epoch=epoch, portion=portion, last_seq=last
+        )
+    )
+    return out
+
+
+def marker_envelope(
+    *, group: str, owner: str, to: str, epoch: int, portion: Portion, last_seq: int
+) -> MirrorEnvelope:
+    """An empty envelope: the end of a handoff, or (portion SYNC) a token sent to oneself."""
+    return MirrorEnvelope(
+        group=group,
+        owner=owner,
+        mirror=to,
+        epoch=epoch,
+        topic=portion[0],
+        partition=portion[1],
+        first_seq=last_seq,
+        last_seq=last_seq,
+        records=[],
+        handoff=True,
+    )
 
 
 async def read_copies(

@@ -30,18 +30,33 @@ class PortionState:
     mirror: str | None = None
     sequenced: int = 0
     unsecured: deque[MirroredRecord] = field(default_factory=deque)
+    stop_after: int | None = None  # a handover boundary: the last set this owner forms
+
+    @property
+    def stopped(self) -> bool:
+        """Sealed through the handover boundary: nothing more to read until the map moves."""
+        return self.stop_after is not None and self.sets.open > self.stop_after
 
     @property
     def portion(self) -> Portion:
         return (self.topic, self.partition)
 
     def take(self, records: Iterable[ConsumerRecord[bytes, bytes]]) -> list[MirroredRecord]:
-        """Number the records that follow the current position; anything earlier was seen."""
+        """Number the records that follow the current position; anything earlier was seen.
+
+        Records past a handover boundary are left for the next owner.
+        """
         out: list[MirroredRecord] = []
         seq = self.next_seq
         for r in records:
             if r.offset < self.next_offset:
                 continue
+            if self.stop_after is not None and (
+                self.stopped or r.timestamp > self.sets.windows.end_ms(self.stop_after)
+            ):
+                # The set after the boundary belongs to the next owner: not even numbered here.
+                self.sets.seal_through(self.stop_after, r.offset)
+                break
             out.append(
                 MirroredRecord(
                     offset=r.offset,

@@ -35,6 +35,10 @@ class Windows:
     def start_ms(self, set_id: int) -> int:
         return self.end_ms(set_id - 1) if set_id > 0 else 0
 
+    def set_at(self, t_ms: int) -> int:
+        """The first set whose window ends at or after t_ms."""
+        return max(0, -(-t_ms // self.interval_ms) - self.first_window)
+
     @staticmethod
     def first_window_after(now_ms: int, interval_ms: int) -> int:
         return now_ms // interval_ms + 1
@@ -126,14 +130,30 @@ class PortionSets:
         if self.open > 0 and rec.timestamp <= self.windows.end_ms(self.open - 1):
             piece.late += 1
 
-    def tick(self, now_ms: int, grace_ms: int, position: int, high_watermark: int | None) -> None:
-        """Seal idle windows: past T_N + grace and read up to the high watermark."""
+    def tick(
+        self,
+        now_ms: int,
+        grace_ms: int,
+        position: int,
+        high_watermark: int | None,
+        last: int | None = None,
+    ) -> None:
+        """Seal idle windows: past T_N + grace and read up to the high watermark.
+
+        ``last`` is the last set this owner may seal (a handover boundary).
+        """
         while (
-            now_ms >= self.windows.end_ms(self.open) + grace_ms
+            (last is None or self.open <= last)
+            and now_ms >= self.windows.end_ms(self.open) + grace_ms
             and high_watermark is not None
             and position >= high_watermark
         ):
             self._seal(position)
+
+    def seal_through(self, last: int, cut: int) -> None:
+        """End every set up to ``last`` at ``cut``: the portion moves on at that boundary."""
+        while self.open <= last:
+            self._seal(cut)
 
     def _seal(self, cut: int) -> None:
         piece = self.pieces[self.open]

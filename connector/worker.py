@@ -12,9 +12,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import re
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
@@ -24,20 +25,31 @@ from connector.assignor import TandemAssignor
 from connector.backup import SetWriter, fence, transactional_id
 from connector.clients import Admin, AsyncProducer, Outgoing, TopicSpec
 from connector.config import Settings
+from connector.control import read_control
 from connector.coordinator import Coordinator, read_manifests, read_reports
 from connector.errors import MalformedMessage, TandemError, TopicError
 from connector.messages import (
+    Handover,
     HeldPortion,
     Manifest,
     MemberAnnouncement,
     MemberMetadata,
     MirroredPortion,
+    MirroredRecord,
     OwnedPortion,
     PortionMap,
     decode,
+    decode_control,
     header,
 )
-from connector.mirror import MirrorSender, MirrorStore, read_copies
+from connector.mirror import (
+    SYNC,
+    MirrorSender,
+    MirrorStore,
+    handoff_envelopes,
+    marker_envelope,
+    read_copies,
+)
 from connector.owner import Portion, PortionState
 from connector.reader import standalone_consumer
 from connector.sets import Windows
@@ -112,6 +124,13 @@ class Worker:
         self._interval_ms = int(settings.window.interval_s * 1000)
         self._grace_ms = int(settings.window.grace_s * 1000)
         self._previous_map: PortionMap | None = None
+        self.handover: Handover | None = None
+        self._leaving = False
+        self._joining = False
+        self._leave_task: asyncio.Task[None] | None = None
+        self._paused: set[TopicPartition] = set()
+        # A request to join or leave counts for the coordinator while it is this fresh.
+        self.request_fresh_ms = int(max(3 * settings.announce_interval_s, 2) * 1000)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -142,11 +161,17 @@ class Worker:
             batch_bytes=s.mirror.batch_bytes,
             max_unsent=s.mirror.batch_records * 20,
         )
+        self._spawn(self._follow_control(), "control")
+        self._spawn(self._follow_manifests(), "manifests")
+        self._spawn(self._announce_loop(), "announcer")
+        self._spawn(self.sender.run(), "mirror-sender")
+        await self._await_turn()
         assignor = TandemAssignor(self._metadata, s.mirror.max_workers, self._on_map)
         session = s.source.session_timeout_ms
         self._consumer = AIOKafkaConsumer(
             **s.source.aiokafka(),
             group_id=s.group,
+            group_instance_id=self.name if s.source.static_membership else None,
             client_id=f"tandem-{self.name}",
             partition_assignment_strategy=(assignor,),
             enable_auto_commit=False,
@@ -164,10 +189,70 @@ class Worker:
         else:
             self._consumer.subscribe(topics=list(topics), listener=listener)
         await self._consumer.start()
-        self._spawn(self.sender.run(), "mirror-sender")
-        self._spawn(self._announce_loop(), "announcer")
-        self._spawn(self._follow_manifests(), "manifests")
         log.info("worker %s started: group %s, topics %s", self.name, s.group, sorted(topics))
+
+    async def _await_turn(self) -> None:
+        """Join a running group only at a set boundary (protocol step 5).
+
+        A newcomer asks to join (``joining`` in its announcements); the coordinator answers
+        with a handover naming the boundary set B and the portions that will move; their
+        owners stop them at cut B; once manifest B is committed the newcomer joins, and the
+        rebalance that follows moves exactly those portions, to continue from cut B. If
+        the group is not running, or this member id is still in the map (this process
+        restarts a worker whose old session has not expired yet), there is nothing to hand
+        over and it joins at once. If no answer comes, it joins anyway: takeover is safe
+        mid-set too, it just is not at a boundary.
+        """
+        s = self.settings
+        view = await read_control(self._backup_client, s.control_topic)
+        current = view.latest_map
+        live = view.live(int(time.time() * 1000), self.request_fresh_ms)
+        if current is None or not any(m.name in live for m in current.members):
+            return
+        if any(m.name == self.name for m in current.members):
+            log.info("%s is in map epoch %d: rejoining at once", self.name, current.epoch)
+            return
+        self._joining = True
+        asked_ms = int(time.time() * 1000)
+        await self._announce()
+        interval_s = self._interval_ms / 1000
+        try:
+            h = await self._wait_for(
+                lambda: (
+                    self.handover is not None
+                    and self.name in self.handover.joining
+                    and self.handover.at_ms >= asked_ms - 1000
+                ),
+                timeout_s=2 * interval_s + 10,
+                what="a handover from the coordinator",
+            )
+            if h:
+                assert self.handover is not None
+                boundary = self.handover.set_id
+                log.info(
+                    "joining after set %d: %d portions move to this worker",
+                    boundary,
+                    sum(1 for m in self.handover.moves if m.to_member == self.name),
+                )
+                await self._wait_for(
+                    lambda: (
+                        self.last_manifest is not None and self.last_manifest.set_id >= boundary
+                    ),
+                    timeout_s=3 * interval_s + 10,
+                    what=f"manifest {boundary}",
+                )
+        finally:
+            self._joining = False
+
+    async def _wait_for(self, done: Callable[[], bool], *, timeout_s: float, what: str) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while not done():
+            self.check_errors()
+            if time.monotonic() > deadline:
+                log.warning("no %s after %.0f s: going on without it", what, timeout_s)
+                return False
+            await asyncio.sleep(0.05)
+        return True
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
         task = asyncio.create_task(coro, name=name)
@@ -193,6 +278,8 @@ class Worker:
                 if state is None:
                     continue
                 taken = state.take(records)
+                if state.stopped:
+                    self._pause(tp)
                 if taken and state.mirror is not None:
                     assert self.map is not None
                     self.sender.enqueue(
@@ -221,7 +308,10 @@ class Worker:
                     fresh_grace,
                     await self._consumer.position(tp),
                     self._consumer.highwater(tp),
+                    last=state.stop_after,
                 )
+                if state.stopped:
+                    self._pause(tp)
             while self.portions:
                 n = min(min(st.sets.pieces) for st in self.portions.values())
                 if any(st.sets.open <= n for st in self.portions.values()):
@@ -237,9 +327,49 @@ class Worker:
                 for st in self.portions.values():
                     st.sets.drop(n)
 
+    def _pause(self, tp: TopicPartition) -> None:
+        """Stop fetching a portion that reached its handover boundary."""
+        assert self._consumer is not None
+        if tp not in self._paused:
+            self._paused.add(tp)
+            self._consumer.pause(tp)
+
     def stop(self) -> None:
-        """Ask run() to return; close() then leaves the group."""
-        self._closing.set()
+        """First call: hand everything over at the next boundary, then leave. Second: leave now."""
+        others = self.map is not None and any(m.name != self.name for m in self.map.members)
+        if self._leave_task is None and others and not self._closing.is_set():
+            self._leaving = True
+            self._leave_task = asyncio.create_task(self._leave(), name="leave")
+        else:
+            self._closing.set()
+
+    async def _leave(self) -> None:
+        """Graceful stop: the coordinator plans a handover; leave once its set is committed."""
+        asked_ms = int(time.time() * 1000)
+        await self._announce()
+        interval_s = self._interval_ms / 1000
+        try:
+            if await self._wait_for(
+                lambda: (
+                    self.handover is not None
+                    and self.name in self.handover.leaving
+                    and self.handover.at_ms >= asked_ms - 1000
+                ),
+                timeout_s=2 * interval_s + 10,
+                what="a handover from the coordinator",
+            ):
+                assert self.handover is not None
+                boundary = self.handover.set_id
+                await self._wait_for(
+                    lambda: (
+                        self.last_manifest is not None and self.last_manifest.set_id >= boundary
+                    ),
+                    timeout_s=3 * interval_s + 10,
+                    what=f"manifest {boundary}",
+                )
+                log.info("set %d committed: leaving the group", boundary)
+        finally:
+            self._closing.set()
 
     async def close(self) -> None:
         if self._closed:
@@ -250,13 +380,14 @@ class Worker:
             if self.sender is not None:
                 await asyncio.wait_for(self.sender.drain(), 10)
             if self._producer is not None:
-                await self._announce(leaving=True)
+                self._leaving = True
+                await self._announce()
         except Exception as exc:
             log.warning("while closing: %r", exc)
         finally:
             if self._consumer is not None:
                 await self._consumer.stop()
-            for task in [*self._tasks, self._store_task, self._coordinator_task]:
+            for task in [*self._tasks, self._store_task, self._coordinator_task, self._leave_task]:
                 if task is not None:
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -284,7 +415,7 @@ class Worker:
             first_window=self.map.first_window if self.map else self._first_window,
             owned=[HeldPortion(topic=t, partition=p) for t, p in sorted(self.portions)],
             mirrored=mirrored,
-            leaving=self._closing.is_set(),
+            leaving=self._leaving,
         )
 
     def _on_map(self, new_map: PortionMap) -> None:
@@ -324,11 +455,19 @@ class Worker:
             await self._open_writer(new_map, slot)
         self._steer_coordinator(new_map)
 
+        for tp in self._paused:
+            if tp in self._consumer.assignment():
+                self._consumer.resume(tp)
+        self._paused.clear()
         mine = {(tp.topic, tp.partition) for tp in assigned}
         for portion in list(self.portions):
             if portion not in mine:
                 del self.portions[portion]
                 self.sender.forget(portion)
+        for state in self.portions.values():
+            state.stop_after = None  # a boundary belongs to the map it was planned in
+        if previous_map is not None:
+            await self._pass_on_copies(previous_map, new_map)
         new = sorted(mine - set(self.portions))
         if new:
             await self._take_over(new, previous_map, new_map)
@@ -382,6 +521,8 @@ class Worker:
                 prefix=s.backup.topic_prefix,
                 interval_ms=self._interval_ms,
                 current_map=lambda: self.map,
+                max_slots=s.mirror.max_workers,
+                request_fresh_ms=self.request_fresh_ms,
             )
             self._coordinator_task = asyncio.create_task(self.coordinator.run(), name="coordinator")
         elif not leading and running:
@@ -398,30 +539,115 @@ class Worker:
             Outgoing(self.settings.control_topic, m.encode(), b"map", headers=m.headers())
         )
 
+    async def _sync_store(self) -> bool:
+        """Read our own mirror partition up to a marker sent now.
+
+        Every envelope a dead owner had acknowledged is then in the store.
+        """
+        assert self._producer is not None
+        token = random.getrandbits(48)
+        marker = marker_envelope(
+            group=self.settings.group,
+            owner=self.name,
+            to=self.name,
+            epoch=0,
+            portion=SYNC,
+            last_seq=token,
+        )
+        await self._producer.send(
+            Outgoing(
+                self.settings.mirror_topic,
+                marker.encode(),
+                b"sync",
+                partition=self.slot,
+                headers=marker.headers(),
+            )
+        )
+        return await self.store.marker(SYNC, timeout_s=10, token=token)
+
+    async def _pass_on_copies(self, previous: PortionMap, new_map: PortionMap) -> None:
+        """A mirror whose owner died sends its copies to a new owner that is not itself."""
+        assert self._producer is not None
+        moving = []
+        for before in previous.portions:
+            now = new_map.portion(before.topic, before.partition)
+            if now is None or before.mirror != self.name or now.owner == self.name:
+                continue
+            if departed(before.owner, previous, new_map):
+                moving.append(((before.topic, before.partition), before.owner, now.owner))
+        if not moving:
+            return
+        if not await self._sync_store():
+            log.warning("mirror store not in sync: new owners read the mirror topic instead")
+            return
+        envelopes = []
+        for portion, owner, to in moving:
+            copies = self.store.take(portion)
+            envelopes += [
+                (new_map.slot_of(to), env)
+                for env in handoff_envelopes(
+                    group=self.settings.group,
+                    owner=owner,
+                    to=to,
+                    epoch=new_map.epoch,
+                    portion=portion,
+                    copies=copies,
+                    batch_records=self.settings.mirror.batch_records,
+                )
+            ]
+            log.info(
+                "passing %d copies of %s[%d] to its new owner %s",
+                len(copies),
+                portion[0],
+                portion[1],
+                to,
+            )
+        await self._producer.send_many(
+            [
+                Outgoing(
+                    self.settings.mirror_topic,
+                    env.encode(),
+                    f"{env.topic}:{env.partition}".encode(),
+                    partition=slot,
+                    headers=env.headers(),
+                )
+                for slot, env in envelopes
+            ]
+        )
+
     async def _take_over(
         self, portions: list[Portion], previous: PortionMap | None, new_map: PortionMap
     ) -> None:
         """Continue newly owned portions exactly after their last secured point.
 
-        First the previous owners that left the group are fenced (their open transaction
-        ends), then the base is the newest of the last manifest and the committed reports of
-        legitimate owners; the mirrored copies past the base are re-cut into sets and the
-        primary resumes after the last copy. Offsets come from the admin client and
-        ListOffsets: asking the group consumer for its position inside the rebalance
-        callback would wait on the very rebalance it is part of.
+        Owners that left the group are fenced first (their open transaction ends), then the
+        base is the newest of the last manifest and the committed reports of legitimate
+        owners. A portion whose owner left continues with the mirrored copies past the
+        base: this worker's own, if it was the mirror; the surviving mirror's, which it
+        passes on; or, with owner and mirror both gone, whatever the mirror topic holds.
+        A portion handed over by a live owner continues at its base: that owner stopped
+        at the boundary (or, mid-set, numbered the same records the same way). Offsets
+        come from the admin client and ListOffsets: asking the group consumer for its
+        position inside the rebalance callback would wait on the very rebalance it is part
+        of.
         """
         assert self._consumer is not None
+        started = time.monotonic()
         s = self.settings
         book = None
         if previous is None:
             book = await read_reports(self._backup_client, s.control_topic)
-            previous = book.latest_map
+            older = [e for e in book.maps if e < new_map.epoch]
+            previous = book.maps[max(older)] if older else None
         stale: list[str] = []
+        orphaned: dict[Portion, str | None] = {}  # portion -> its surviving mirror
         if previous is not None:
-            alive = {m.name for m in new_map.members}
-            gone = {
-                e.owner for p in portions if (e := previous.portion(*p)) and e.owner not in alive
-            }
+            for p in portions:
+                e = previous.portion(*p)
+                if e is not None and departed(e.owner, previous, new_map):
+                    alive = e.mirror is not None and not departed(e.mirror, previous, new_map)
+                    orphaned[p] = e.mirror if alive else None
+            gone = {e.owner for p in orphaned if (e := previous.portion(*p))}
             slots = {m.name: m.slot for m in previous.members}
             taken = {m.slot for m in new_map.members}
             stale = [
@@ -430,14 +656,13 @@ class Worker:
                 if g in slots and slots[g] not in taken
             ]
             await asyncio.gather(*(fence(s.backup_cluster.confluent(), t) for t in stale))
+        fenced = time.monotonic()
         if book is None or stale:
             # Reports are read after the fence, so no departed owner's transaction is open.
             book = await read_reports(self._backup_client, s.control_topic)
         manifests = await read_manifests(self._backup_client, s.sets_topic)
         last = manifests[max(manifests)] if manifests else None
-        copies = await read_copies(
-            self._backup_client, s.mirror_topic, self._mirror_partitions, portions
-        )
+        copies = await self._collect_copies(orphaned)
         committed = await self._admin.group_offsets(s.group, portions)
         tps = [TopicPartition(*p) for p in portions]
         if s.source.start_from == "earliest":
@@ -473,10 +698,48 @@ class Worker:
                 state.next_seq,
                 len(state.unsecured),
             )
+        log.info(
+            "takeover of %d portions (%d orphaned) took %.0f ms (fencing %.0f ms)",
+            len(portions),
+            len(orphaned),
+            (time.monotonic() - started) * 1000,
+            (fenced - started) * 1000,
+        )
+
+    async def _collect_copies(
+        self, orphaned: dict[Portion, str | None]
+    ) -> dict[Portion, list[MirroredRecord]]:
+        """The mirrored copies of portions whose owner left, from the nearest place."""
+        assert self._producer is not None
+        out: dict[Portion, list[MirroredRecord]] = {}
+        synced = any(mirror == self.name for mirror in orphaned.values()) and (
+            await self._sync_store()
+        )
+        missing = []
+        for portion, mirror in orphaned.items():
+            if (mirror == self.name and synced) or (
+                mirror not in (None, self.name) and await self.store.marker(portion, timeout_s=10)
+            ):
+                out[portion] = self.store.take(portion)
+            else:
+                missing.append(portion)
+        if missing:
+            log.warning(
+                "reading the mirror topic for the copies of %d portions whose mirror is gone",
+                len(missing),
+            )
+            out.update(
+                await read_copies(
+                    self._backup_client,
+                    self.settings.mirror_topic,
+                    self._mirror_partitions,
+                    missing,
+                )
+            )
+        return out
 
     async def _follow_manifests(self) -> None:
         """Once a set is committed: commit primary offsets at its cuts, drop its copies."""
-        assert self._consumer is not None
         async with standalone_consumer(self._backup_client) as consumer:
             tp = TopicPartition(self.settings.sets_topic, 0)
             consumer.assign([tp])
@@ -495,7 +758,6 @@ class Worker:
                     await self._secured(m)
 
     async def _secured(self, m: Manifest) -> None:
-        assert self._consumer is not None
         offsets = {}
         for mp in m.portions:
             portion = (mp.topic, mp.partition)
@@ -504,6 +766,8 @@ class Worker:
             if state is not None:
                 state.secure_through(mp.last_seq)
                 offsets[TopicPartition(*portion)] = OffsetAndMetadata(mp.next_offset, "")
+        if self._consumer is None:
+            return
         assigned = self._consumer.assignment()
         offsets = {tp: o for tp, o in offsets.items() if tp in assigned}
         if offsets:
@@ -512,9 +776,47 @@ class Worker:
             except Exception as exc:  # a rebalance in progress; the next set commits again
                 log.info("primary offsets for set %d not committed now: %r", m.set_id, exc)
 
+    async def _follow_control(self) -> None:
+        """Hear handovers: stop the portions that move away at the planned boundary."""
+        async with standalone_consumer(self._backup_client) as consumer:
+            tp = TopicPartition(self.settings.control_topic, 0)
+            consumer.assign([tp])
+            await consumer.seek_to_end(tp)
+            while True:
+                batch = await consumer.getmany(tp, timeout_ms=500)
+                for r in batch.get(tp, []):
+                    try:
+                        msg = decode_control(r.value, list(r.headers))
+                    except MalformedMessage as exc:
+                        self.store.malformed += 1
+                        log.warning("skipping malformed record on %s: %s", tp.topic, exc)
+                        continue
+                    if isinstance(msg, Handover):
+                        self._on_handover(msg)
+
+    def _on_handover(self, h: Handover) -> None:
+        self.handover = h
+        if self.map is None or h.epoch != self.map.epoch:
+            return
+        for portion in h.moving_from(self.name):
+            state = self.portions.get(portion)
+            if state is None:
+                continue
+            if state.sets.open > h.set_id:
+                log.warning(
+                    "%s[%d] already formed set %d: it moves mid-set, not at boundary %d",
+                    portion[0],
+                    portion[1],
+                    state.sets.open,
+                    h.set_id,
+                )
+                continue
+            state.stop_after = h.set_id
+        log.info("handover at set %d: %s", h.set_id, h.reason)
+
     # -- announcements ---------------------------------------------------------------------
 
-    def announcement(self, leaving: bool = False) -> MemberAnnouncement:
+    def announcement(self) -> MemberAnnouncement:
         assert self.sender is not None
         owned = [
             OwnedPortion(
@@ -546,16 +848,17 @@ class Worker:
             epoch=self.map.epoch if self.map else 0,
             at_ms=int(time.time() * 1000),
             started_ms=self.started_ms,
-            leaving=leaving,
+            leaving=self._leaving,
+            joining=self._joining,
             map_digest=self.map.digest() if self.map else "",
             owned=owned,
             mirrored=mirrored,
             malformed=self.store.malformed,
         )
 
-    async def _announce(self, leaving: bool = False) -> None:
+    async def _announce(self) -> None:
         assert self._producer is not None
-        msg = self.announcement(leaving)
+        msg = self.announcement()
         out = [
             Outgoing(
                 self.settings.control_topic, msg.encode(), self.name.encode(), headers=msg.headers()
@@ -567,6 +870,13 @@ class Worker:
         while True:
             await asyncio.sleep(self.settings.announce_interval_s)
             await self._announce()
+
+
+def departed(name: str, previous: PortionMap, new_map: PortionMap) -> bool:
+    """Left the group between two maps: gone, or back as a new process (a new Kafka id)."""
+    before = {m.name: m.kafka_member_id for m in previous.members}
+    now = {m.name: m.kafka_member_id for m in new_map.members}
+    return name not in now or (name in before and before[name] != now[name])
 
 
 async def run_worker(settings: Settings) -> None:

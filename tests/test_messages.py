@@ -26,6 +26,7 @@ from connector.messages import (
     SCHEMA_HEADER,
     Acknowledgement,
     Handover,
+    HandoverMove,
     HeldPortion,
     HeldRange,
     Manifest,
@@ -225,14 +226,14 @@ def _ack() -> Acknowledgement:
 
 def _handover() -> Handover:
     return Handover(
-        set_id=9,
         epoch=4,
-        from_member="w-1",
-        to_member="w-3",
-        topic="orders",
-        partition=2,
-        next_offset=500,
-        next_seq=480,
+        set_id=9,
+        at_ms=1_700_000_000_000,
+        coordinator="w-1",
+        joining=["w-3"],
+        leaving=[],
+        moves=[HandoverMove(topic="orders", partition=2, from_member="w-1", to_member="w-3")],
+        reason="w-3 joins",
     )
 
 
@@ -508,7 +509,9 @@ OLDER_WRITERS = [
     ("Manifest", "late", 0),
     ("MemberMetadata", "leaving", False),
     ("MemberMetadata", "slot", -1),
-    ("Handover", "to_member", None),
+    ("Handover", "reason", ""),
+    ("MemberAnnouncement", "joining", False),
+    ("MirrorEnvelope", "handoff", False),
 ]
 
 

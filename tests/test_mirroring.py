@@ -85,6 +85,8 @@ def test_three_workers_number_and_mirror_every_update(
             except Exception:
                 malformed += 1
                 continue
+            if env.handoff:
+                continue  # a takeover's marker or a surviving mirror passing copies on
             assert env.mirror != env.owner, "a copy was sent to its own owner"
             for rec in env.records:
                 got = (rec.offset, rec.key, rec.value)
