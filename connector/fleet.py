@@ -9,11 +9,15 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+from confluent_kafka import Producer
 
 
 def write_config(path: Path, config: dict[str, Any]) -> Path:
@@ -74,3 +78,62 @@ class WorkerProcess:
             return "\n".join(self.log_path.read_text().splitlines()[-lines:])
         except OSError:
             return ""
+
+
+class SteadyProducer:
+    """Producers at a steady rate, one thread per topic, keyed so every partition gets data.
+
+    ``counts`` holds what the cluster acknowledged, per (topic, partition): the reference
+    a check compares the backup with.
+    """
+
+    def __init__(self, bootstrap: str, topics: list[str], rate: int, value_size: int = 100) -> None:
+        self.counts: Counter[tuple[str, int]] = Counter()
+        self.failed = 0
+        self._bootstrap = bootstrap
+        self._rate = rate
+        self._size = value_size
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._one, args=(t,), daemon=True) for t in topics]
+
+    def start(self) -> SteadyProducer:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def stop(self) -> Counter[tuple[str, int]]:
+        self._stop.set()
+        for t in self._threads:
+            t.join()
+        return self.counts
+
+    @property
+    def running(self) -> bool:
+        return any(t.is_alive() for t in self._threads)
+
+    def _one(self, topic: str) -> None:
+        p = Producer({"bootstrap.servers": self._bootstrap, "acks": "all", "linger.ms": 5})
+
+        def delivered(err: object, msg: Any) -> None:
+            with self._lock:
+                if err is None:
+                    self.counts[(msg.topic(), msg.partition())] += 1
+                else:
+                    self.failed += 1
+
+        per_tick = max(1, self._rate // len(self._threads) // 20)
+        i = 0
+        while not self._stop.is_set():
+            for _ in range(per_tick):
+                body = f"{topic} update {i} ".encode()
+                p.produce(
+                    topic,
+                    key=f"customer-{i % 97}".encode(),
+                    value=(body * (self._size // len(body) + 1))[: self._size],
+                    on_delivery=delivered,
+                )
+                i += 1
+            p.poll(0)
+            time.sleep(0.05)
+        p.flush(30)

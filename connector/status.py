@@ -8,7 +8,7 @@ from typing import Any
 from rich.table import Table
 
 from connector.control import ControlView
-from connector.messages import Manifest
+from connector.messages import Manifest, OwnedPortion
 
 
 def members_rows(view: ControlView, stale_ms: int) -> list[dict[str, Any]]:
@@ -26,11 +26,28 @@ def members_rows(view: ControlView, stale_ms: int) -> list[dict[str, Any]]:
                 "sequenced": sum(o.next_seq for o in a.owned),
                 "mirrored_held": sum(m.held for m in a.mirrored),
                 "in_flight": sum(o.in_flight for o in a.owned),
-                "unprotected": sum(1 for o in a.owned if o.mirror is None),
+                "unprotected": sum(1 for o in a.owned if unprotected(o)),
                 "last_seen_s": round((now - a.at_ms) / 1000, 1),
             }
         )
     return rows
+
+
+def unprotected(o: OwnedPortion) -> bool:
+    """Updates of this portion not yet secured that its current mirror does not hold.
+
+    The oldest unsecured update is the one that matters: newer ones are in flight for a
+    moment in normal operation, but the oldest has long been acknowledged unless the
+    mirror changed and the re-send has not landed yet.
+    """
+    if o.in_flight == 0:
+        return False
+    if o.mirror is None:
+        return True
+    oldest = o.next_seq - o.in_flight
+    return not any(
+        r.mirror == o.mirror and r.first_seq <= oldest <= r.last_seq for r in o.mirrored_ranges
+    )
 
 
 def members_table(rows: list[dict[str, Any]], title: str = "members") -> Table:

@@ -124,6 +124,7 @@ class Worker:
         self._interval_ms = int(settings.window.interval_s * 1000)
         self._grace_ms = int(settings.window.grace_s * 1000)
         self._previous_map: PortionMap | None = None
+        self._next_map: PortionMap | None = None
         self.handover: Handover | None = None
         self._leaving = False
         self._joining = False
@@ -328,11 +329,16 @@ class Worker:
                     st.sets.drop(n)
 
     def _pause(self, tp: TopicPartition) -> None:
-        """Stop fetching a portion that reached its handover boundary."""
+        """Stop fetching a portion that reached its handover boundary.
+
+        The records fetched past the cut were not numbered: the position goes back to the
+        cut, so whatever reads this portion next starts exactly there.
+        """
         assert self._consumer is not None
         if tp not in self._paused:
             self._paused.add(tp)
             self._consumer.pause(tp)
+            self._consumer.seek(tp, self.portions[(tp.topic, tp.partition)].next_offset)
 
     def stop(self) -> None:
         """First call: hand everything over at the next boundary, then leave. Second: leave now."""
@@ -419,7 +425,9 @@ class Worker:
         )
 
     def _on_map(self, new_map: PortionMap) -> None:
-        self.map = new_map
+        # Taken into use by on_assigned, together with the portions it assigns: until then
+        # the read loop keeps numbering and mirroring under the map it started with.
+        self._next_map = new_map
 
     async def on_revoked(self) -> None:
         """Before the group moves anything, every update numbered so far reaches its mirror."""
@@ -428,8 +436,15 @@ class Worker:
                 await self.sender.drain()
 
     async def on_assigned(self, assigned: list[TopicPartition]) -> None:
-        assert self._consumer is not None and self.sender is not None and self.map is not None
-        new_map = self.map
+        async with self._write_lock:
+            await self._assigned(assigned)
+
+    async def _assigned(self, assigned: list[TopicPartition]) -> None:
+        assert self._consumer is not None and self.sender is not None
+        if self._next_map is None:
+            log.error("assigned partitions without a portion map: keeping the old one")
+            return
+        new_map = self.map = self._next_map
         log.info(
             "map epoch %s: coordinator %s, %d members, %d portions owned here",
             new_map.epoch,
