@@ -160,7 +160,30 @@ class MirrorConfig(_Frozen):
 
 
 class HttpConfig(_Frozen):
+    """The worker's HTTP endpoints: metrics and probes, and the guarded ingest/admin routes.
+
+    Loopback by default, so a worker on a shared host exposes nothing until told to; the
+    token, when set, is required as ``Authorization: Bearer <token>`` on ingest and admin
+    routes only, because Prometheus and kubelet probes must reach the rest without secrets.
+    """
+
     listen: str | None = Field(default="127.0.0.1:0", description="host:port; null disables")
+    token: SecretStr | None = None
+
+    @model_validator(mode="after")
+    def _listen_parses(self) -> HttpConfig:
+        if self.listen is not None:
+            self.address  # noqa: B018 - parsed once here so a bad value fails at load time
+        return self
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """``listen`` as (host, port); ``[::1]:8080`` and ``0.0.0.0:8080`` both work."""
+        assert self.listen is not None
+        host, sep, port = self.listen.rpartition(":")
+        if not sep or not host or not port.isdigit() or int(port) > 65535:
+            raise ValueError(f"listen {self.listen!r} must be host:port, e.g. 0.0.0.0:8080")
+        return host.strip("[]"), int(port)
 
 
 class Settings(BaseSettings):

@@ -28,6 +28,7 @@ from connector.config import Settings
 from connector.control import read_control
 from connector.coordinator import Coordinator, read_manifests, read_reports
 from connector.errors import MalformedMessage, TandemError, TopicError
+from connector.http import HttpServer
 from connector.messages import (
     Handover,
     HeldPortion,
@@ -42,6 +43,7 @@ from connector.messages import (
     decode_control,
     header,
 )
+from connector.metrics import Metrics
 from connector.mirror import (
     SYNC,
     MirrorSender,
@@ -132,11 +134,14 @@ class Worker:
         self._paused: set[TopicPartition] = set()
         # A request to join or leave counts for the coordinator while it is this fresh.
         self.request_fresh_ms = int(max(3 * settings.announce_interval_s, 2) * 1000)
+        self.metrics = Metrics(self)
+        self.http = HttpServer(self, settings.http)
 
     # -- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
         s = self.settings
+        await self.http.start()
         topics = await primary_topics(self._admin, s)
         if not topics and not s.source.topic_regex:
             raise TopicError("no primary topics to back up")
@@ -324,7 +329,9 @@ class Worker:
                         pieces.append((st.topic, st.partition, piece, st.mirror))
                 # Two holders before the set is written: the mirror has every record of it.
                 await self.sender.drain()
-                await self.writer.write(n, self.map.epoch, pieces)
+                t0 = time.monotonic()
+                report = await self.writer.write(n, self.map.epoch, pieces)
+                self.metrics.set_written(report, time.monotonic() - t0)
                 for st in self.portions.values():
                     st.sets.drop(n)
 
@@ -382,6 +389,8 @@ class Worker:
             return
         self._closed = True
         self._closing.set()
+        await self.http.stop()
+        self.metrics.close()
         try:
             if self.sender is not None:
                 await asyncio.wait_for(self.sender.drain(), 10)
@@ -431,6 +440,7 @@ class Worker:
 
     async def on_revoked(self) -> None:
         """Before the group moves anything, every update numbered so far reaches its mirror."""
+        self.metrics.rebalance_started()
         async with self._write_lock:
             if self.sender is not None:
                 await self.sender.drain()
@@ -501,6 +511,7 @@ class Worker:
                         list(state.unsecured),
                     )
             self._consumer.seek(TopicPartition(*portion), state.next_offset)
+        self.metrics.rebalance_finished()
 
     async def _open_writer(self, new_map: PortionMap, slot: int) -> None:
         """A transactional producer for this slot; initialising it fences the slot's zombie."""
@@ -671,6 +682,7 @@ class Worker:
                 if g in slots and slots[g] not in taken
             ]
             await asyncio.gather(*(fence(s.backup_cluster.confluent(), t) for t in stale))
+            self.metrics.failed_over(len(orphaned))
         fenced = time.monotonic()
         if book is None or stale:
             # Reports are read after the fence, so no departed owner's transaction is open.
@@ -770,6 +782,7 @@ class Worker:
                         continue
                     if self.last_manifest is None or m.set_id > self.last_manifest.set_id:
                         self.last_manifest = m
+                        self.metrics.manifest_seen(m)
                     await self._secured(m)
 
     async def _secured(self, m: Manifest) -> None:
