@@ -19,6 +19,7 @@ from typing import Any
 
 from aiokafka import TopicPartition
 
+from connector.checkpoints import CheckpointSource, no_checkpoints
 from connector.clients import AsyncProducer, Outgoing
 from connector.errors import MalformedMessage
 from connector.messages import (
@@ -137,6 +138,7 @@ class Coordinator:
         prefix: str,
         interval_ms: int,
         current_map: Callable[[], PortionMap | None],
+        checkpoints: CheckpointSource = no_checkpoints,
     ) -> None:
         self._group = group
         self._member = member
@@ -147,6 +149,7 @@ class Coordinator:
         self._prefix = prefix
         self._interval_ms = interval_ms
         self._current_map = current_map
+        self._checkpoints = checkpoints
         self.last_committed = -1
         self.book = ReportBook()
 
@@ -201,6 +204,7 @@ class Coordinator:
             members=[mm.name for mm in m.members],
             late=sum(p.late for p in portions),
             portions=portions,
+            checkpoints=await self._checkpoints([(p.topic, p.partition) for p in portions]),
         )
         await producer.begin()
         await producer.send(

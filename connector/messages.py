@@ -253,6 +253,16 @@ class ManifestPortion(PortionReport):
     owner: str
 
 
+class GroupCheckpoint(BaseModel):
+    """An application group's committed primary offset, as seen when a manifest was written."""
+
+    model_config = ConfigDict(frozen=True)
+    group: str
+    topic: str
+    partition: int
+    offset: int
+
+
 class Manifest(Message):
     schema_name: ClassVar[str] = "Manifest"
     set_id: int
@@ -265,6 +275,7 @@ class Manifest(Message):
     members: list[str]
     late: int = 0
     portions: list[ManifestPortion]
+    checkpoints: list[GroupCheckpoint] = []
 
 
 class MapMember(BaseModel):

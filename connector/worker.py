@@ -15,6 +15,7 @@ import logging
 import re
 import time
 from collections.abc import Coroutine
+from functools import partial
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
@@ -22,6 +23,7 @@ from aiokafka.structs import OffsetAndMetadata
 
 from connector.assignor import TandemAssignor
 from connector.backup import SetWriter, fence, transactional_id
+from connector.checkpoints import read_checkpoints
 from connector.clients import Admin, AsyncProducer, Outgoing, TopicSpec
 from connector.config import Settings
 from connector.coordinator import Coordinator, read_manifests, read_reports
@@ -382,6 +384,7 @@ class Worker:
                 prefix=s.backup.topic_prefix,
                 interval_ms=self._interval_ms,
                 current_map=lambda: self.map,
+                checkpoints=partial(read_checkpoints, self._admin, s.checkpoint_groups),
             )
             self._coordinator_task = asyncio.create_task(self.coordinator.run(), name="coordinator")
         elif not leading and running:

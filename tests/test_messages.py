@@ -25,6 +25,7 @@ from connector.messages import (
     CONTROL_TYPES,
     SCHEMA_HEADER,
     Acknowledgement,
+    GroupCheckpoint,
     Handover,
     HeldPortion,
     HeldRange,
@@ -279,6 +280,10 @@ def _manifest() -> Manifest:
                 owner="w-2",
             ),
         ],
+        checkpoints=[
+            GroupCheckpoint(group="app", topic="orders", partition=0, offset=7),
+            GroupCheckpoint(group="app", topic="orders", partition=1, offset=0),
+        ],
     )
 
 
@@ -506,6 +511,7 @@ OLDER_WRITERS = [
     ("MemberAnnouncement", "map_digest", ""),
     ("MemberAnnouncement", "leaving", False),
     ("Manifest", "late", 0),
+    ("Manifest", "checkpoints", []),
     ("MemberMetadata", "leaving", False),
     ("MemberMetadata", "slot", -1),
     ("Handover", "to_member", None),
