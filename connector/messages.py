@@ -278,6 +278,15 @@ class Manifest(Message):
     checkpoints: list[GroupCheckpoint] = []
 
 
+class RestorePlan(Message):
+    schema_name: ClassVar[str] = "RestorePlan"
+    group: str
+    topic: str
+    target_topic: str
+    bases: list[int]
+    created_ms: int
+
+
 class MapMember(BaseModel):
     model_config = ConfigDict(frozen=True)
     name: str

@@ -806,10 +806,10 @@ def render(result: VerifyResult, console: Console) -> None:
 
 
 @contextlib.contextmanager
-def progress_bar(console: Console) -> Iterator[ProgressCallback]:
-    """A rich progress bar, as a callback for ``verify(progress=...)``."""
+def progress_bar(console: Console, label: str = "verify") -> Iterator[ProgressCallback]:
+    """A rich progress bar, as a callback for ``verify(progress=...)`` or ``restore``."""
     with Progress(
-        TextColumn("verify"),
+        TextColumn(label),
         BarColumn(),
         MofNCompleteColumn(),
         TextColumn("{task.description}"),

@@ -43,6 +43,7 @@ from connector.messages import (
     PortionMap,
     PortionReport,
     RecordHeader,
+    RestorePlan,
     SetReport,
     decode,
     decode_control,
@@ -313,6 +314,16 @@ def _member_metadata() -> MemberMetadata:
     )
 
 
+def _restore_plan() -> RestorePlan:
+    return RestorePlan(
+        group="g",
+        topic="orders",
+        target_topic="orders-restored",
+        bases=[0, 0, 17],
+        created_ms=1_700_000_007_000,
+    )
+
+
 SAMPLES: dict[str, Message] = {
     "MirrorEnvelope": _envelope(),
     "MemberAnnouncement": _announcement(),
@@ -322,6 +333,7 @@ SAMPLES: dict[str, Message] = {
     "Manifest": _manifest(),
     "PortionMap": _portion_map(),
     "MemberMetadata": _member_metadata(),
+    "RestorePlan": _restore_plan(),
 }
 SAMPLE_IDS = list(SAMPLES)
 
