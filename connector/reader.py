@@ -101,8 +101,9 @@ async def partition_ends(
     even an empty one, so nothing is read to the end to learn where it is.
     """
     tps = list(partitions)
-    if not tps:
-        return {}
+    missing = sorted({tp.topic for tp in tps} - await consumer.topics())
+    if missing:
+        raise TopicError(f"topic(s) {', '.join(missing)} do not exist")
     consumer.assign(tps)
     earliest = await consumer.beginning_offsets(tps)
     for tp in tps:

@@ -13,8 +13,10 @@ from aiokafka import TopicPartition
 from confluent_kafka import Producer
 
 from connector.control import ControlView, read_control
+from connector.coordinator import read_manifests
 from connector.errors import TopicError
 from connector.fleet import WorkerProcess, write_config
+from connector.messages import Manifest
 from connector.reader import read_until_end, standalone_consumer
 
 Portion = tuple[str, int]
@@ -87,3 +89,19 @@ def worker_config(tmp: Path, bootstrap: str, group: str, topics: list[str], **ex
     }
     config.update(extra)
     return write_config(tmp / f"{group}.yaml", config)
+
+
+def manifests(bootstrap: str, group: str) -> dict[int, Manifest]:
+    try:
+        return asyncio.run(read_manifests({"bootstrap_servers": bootstrap}, f"{group}.sets"))
+    except Exception:
+        return {}
+
+
+def covered(bootstrap: str, group: str, counts: Counter[tuple[str, int]]) -> bool:
+    ms = manifests(bootstrap, group)
+    if not ms:
+        return False
+    last = ms[max(ms)]
+    have = {(p.topic, p.partition): p.last_seq + 1 for p in last.portions}
+    return all(have.get(tp, 0) >= n for tp, n in counts.items())

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import subprocess
 import sys
 import time
@@ -12,28 +11,11 @@ from pathlib import Path
 import pytest
 from confluent_kafka import Producer
 
-from connector.coordinator import read_manifests
 from connector.fleet import WorkerProcess
 from connector.messages import Manifest
-from tests.support import control, produce, wait_for, worker_config
+from tests.support import control, covered, manifests, produce, wait_for, worker_config
 
 pytestmark = pytest.mark.slow
-
-
-def manifests(bootstrap: str, group: str) -> dict[int, Manifest]:
-    try:
-        return asyncio.run(read_manifests({"bootstrap_servers": bootstrap}, f"{group}.sets"))
-    except Exception:
-        return {}
-
-
-def covered(bootstrap: str, group: str, counts: Counter[tuple[str, int]]) -> bool:
-    ms = manifests(bootstrap, group)
-    if not ms:
-        return False
-    last = ms[max(ms)]
-    have = {(p.topic, p.partition): p.last_seq + 1 for p in last.portions}
-    return all(have.get(tp, 0) >= n for tp, n in counts.items())
 
 
 def run_verify(config: Path) -> subprocess.CompletedProcess[str]:
