@@ -211,9 +211,9 @@ def restore(
     """
     from connector.config import ClusterConfig
     from connector.errors import UsageError
-    from connector.restore import RestoreRequest, parse_time, parse_topic_map
-    from connector.restore import render as render_restore
     from connector.restore import restore as run_restore
+    from connector.restore_plan import RestoreRequest, parse_time, parse_topic_map
+    from connector.restore_plan import render as render_restore
     from connector.verify import progress_bar
 
     settings = _settings(config)

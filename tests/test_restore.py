@@ -34,7 +34,14 @@ from connector.fleet import WorkerProcess
 from connector.messages import Manifest
 from connector.mirror import read_copies
 from connector.reader import partition_ends, standalone_consumer
-from connector.restore import RestoreRequest, RestoreResult, parse_time, restore, select_set
+from connector.restore import restore
+from connector.restore_plan import (
+    RestoreRequest,
+    RestoreResult,
+    parse_time,
+    parse_topic_map,
+    select_set,
+)
 from tests.conftest import create_topics
 from tests.support import control, covered, manifests, produce, read_all, wait_for, worker_config
 
@@ -367,3 +374,6 @@ def test_set_selection_by_time() -> None:
         select_set(sets, 1, None, True)
     with pytest.raises(UsageError, match="neither epoch"):
         parse_time("yesterday")
+    assert parse_topic_map(["a:b", "c:d"]) == {"a": "b", "c": "d"}
+    with pytest.raises(UsageError, match="not SOURCE:TARGET"):
+        parse_topic_map(["a-b"])
