@@ -44,7 +44,7 @@ async def read_checkpoints(
     for group in groups:
         try:
             offsets = await admin.group_offsets(group, portions)
-        except (KafkaException, TandemError) as exc:
+        except (KafkaException, TandemError, TimeoutError) as exc:
             log.warning("checkpoint of group %s not recorded: %s", group, exc)
             continue
         out.extend(
