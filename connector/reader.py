@@ -42,6 +42,9 @@ async def standalone_consumer(
     try:
         yield consumer
     finally:
+        # aiokafka's stop() raises CancelledError if its background task has not run yet
+        # (a consumer stopped right after start, having read nothing): let it start first.
+        await asyncio.sleep(0)
         await consumer.stop()
 
 

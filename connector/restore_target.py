@@ -70,10 +70,8 @@ async def place(
     """
     existing = await _read_restore_plans(settings, request.target, target_counts)
     tps = [TopicPartition(t, p) for t in shapes if t in target_counts for p in range(shapes[t][1])]
-    ends: dict[TopicPartition, tuple[int, int]] = {}
-    if tps:  # (a consumer stopped before its first await fails in aiokafka's close)
-        async with standalone_consumer(request.target.aiokafka(), **FETCH) as consumer:
-            ends = await partition_ends(consumer, tps, timeout_s=request.timeout_s)
+    async with standalone_consumer(request.target.aiokafka(), **FETCH) as consumer:
+        ends = await partition_ends(consumer, tps, timeout_s=request.timeout_s)
     by_target: dict[str, list[PartitionPlan]] = {}
     for plan in plans:
         by_target.setdefault(plan.target[0], []).append(plan)
