@@ -123,7 +123,8 @@ async def place(
                 raise UsageError(
                     f"target {name}[{partition}] already holds {plan.present:,} restored "
                     f"records, more than the {plan.total:,} of this restore: it was restored "
-                    "from a later set; restore into a fresh topic (--topic-map)"
+                    "from a later set (or with --include-unsecured); restore into a fresh topic "
+                    "(--topic-map)"
                 )
     return new
 
