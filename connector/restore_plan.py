@@ -286,15 +286,21 @@ def render(result: RestoreResult, console: Console) -> None:
             )
         console.print(offsets)
     for problem in result.problems:
-        console.print(f"problem: {problem}", style="bold red", highlight=False)
+        console.print(f"problem: {problem}", style="bold red", highlight=False, soft_wrap=True)
     if result.unsecured:
         console.print(
             f"includes {result.unsecured:,} UNSECURED record(s) past set {result.set_id}'s cut: "
             "the most data there is, but not a consistent cut",
             style="bold yellow",
             highlight=False,
+            soft_wrap=True,
         )
-    console.print(result.summary(), style="green" if result.ok else "bold red", highlight=False)
+    console.print(
+        result.summary(),
+        style="green" if result.ok else "bold red",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 __all__ = [
