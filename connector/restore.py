@@ -36,6 +36,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from confluent_kafka import KafkaException
@@ -171,7 +172,7 @@ async def restore(
             result.written = await _write_all(request, plans, reader, progress)
         result.verified = await _verify(request, plans, result.problems, progress)
         if result.ok and result.offsets:
-            await _commit_offsets(result.offsets, target_admin)
+            result.offsets = await _commit_offsets(result.offsets, target_admin)
     finally:
         await backup_admin.close()
         await target_admin.close()
@@ -250,7 +251,8 @@ async def _write_all(
 
 
 async def _translate(plan: PartitionPlan, offset: int, reader: _BackupReader) -> int:
-    """The target offset of primary ``offset``: base + restored records stamped below it."""
+    """The target offset of primary ``offset``: base + restored records whose primary offset
+    is below it."""
     below = 0
     for sid, mp in plan.entries:
         if offset >= mp.next_offset:
@@ -258,7 +260,9 @@ async def _translate(plan: PartitionPlan, offset: int, reader: _BackupReader) ->
             continue
         if offset > mp.first_offset:
             records = await reader.read(sid, mp)
-            below += sum(1 for r in records if (r.primary_offset or 0) < offset)
+            below += sum(
+                1 for r in records if r.primary_offset is not None and r.primary_offset < offset
+            )
         return plan.base + below
     below += sum(1 for r in plan.unsecured if r.offset < offset)
     return plan.base + below
@@ -324,18 +328,35 @@ async def _verify(
     return done
 
 
-async def _commit_offsets(offsets: list[TranslatedOffset], admin: Admin) -> None:
-    by_group: dict[str, dict[Portion, int]] = {}
+async def _commit_offsets(offsets: list[TranslatedOffset], admin: Admin) -> list[TranslatedOffset]:
+    """Write translated offsets where the group has none on the target yet, or the same.
+
+    A group that already committed another offset there has consumed on the target since
+    (or someone set it on purpose): a rerun of the restore must not rewind it.
+    """
+    by_group: dict[str, list[TranslatedOffset]] = {}
     for o in offsets:
-        by_group.setdefault(o.group, {})[(o.target_topic, o.partition)] = o.target_offset
-    for group, translated in sorted(by_group.items()):
+        by_group.setdefault(o.group, []).append(o)
+    out: list[TranslatedOffset] = []
+    for group, mine in sorted(by_group.items()):
         try:
-            await admin.commit_group_offsets(group, translated)
-        except KafkaException as exc:
+            have = await admin.group_offsets(group, [(o.target_topic, o.partition) for o in mine])
+            todo: dict[Portion, int] = {}
+            for o in mine:
+                where = (o.target_topic, o.partition)
+                if have.get(where, o.target_offset) == o.target_offset:
+                    todo[where] = o.target_offset
+                    out.append(o)
+                else:
+                    out.append(replace(o, kept=have[where]))
+            if todo:
+                await admin.commit_group_offsets(group, todo)
+        except (KafkaException, TimeoutError) as exc:
             raise TandemError(
                 f"cannot write offsets of group {group!r} on the target (stop its consumers "
                 f"there first): {exc}"
             ) from exc
+    return out
 
 
 __all__ = ["restore"]

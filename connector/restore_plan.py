@@ -84,6 +84,9 @@ class TranslatedOffset:
     from_set: int  # the manifest whose checkpoint this is
     target_topic: str
     target_offset: int
+    # the group's own committed offset on the target, when it had another: left as it is,
+    # since a rerun must not rewind an application that already consumes there
+    kept: int | None = None
 
 
 @dataclass
@@ -282,7 +285,8 @@ def render(result: RestoreResult, console: Console) -> None:
                 f"{o.topic}[{o.partition}]",
                 str(o.from_set),
                 str(o.primary_offset),
-                f"{o.target_topic}[{o.partition}] {o.target_offset}",
+                f"{o.target_topic}[{o.partition}] {o.target_offset}"
+                + (f" (not written: the group is at {o.kept})" if o.kept is not None else ""),
             )
         console.print(offsets)
     for problem in result.problems:

@@ -276,6 +276,7 @@ def test_translated_offsets_resume_after_the_last_processed_record(
             "enable.auto.commit": False,
         }
     )
+    advanced: dict[Portion, int] = {}
     try:
         for (topic, partition), offset in b.app_offsets.items():
             want = next(r for r in primary[(topic, partition)] if r.offset >= offset)
@@ -290,6 +291,15 @@ def test_translated_offsets_resume_after_the_last_processed_record(
             if topic == next(iter(b.shapes)) and partition == 0:
                 # the transaction's commit marker took a primary offset the target lacks
                 assert msg.offset() == offset - 1
+            moved = CTopicPartition(topic, partition, msg.offset() + 5)
+            consumer.commit(offsets=[moved], asynchronous=False)
+            advanced[(topic, partition)] = moved.offset
+        # a rerun must not rewind the application, which has consumed on the target since
+        again = run_restore(b, target.bootstrap)
+        assert again.ok and again.written == 0
+        assert {(o.topic, o.partition): o.kept for o in again.offsets} == advanced
+        committed = consumer.committed([CTopicPartition(t, p) for t, p in advanced], timeout=10)
+        assert {(tp.topic, tp.partition): tp.offset for tp in committed} == advanced
     finally:
         consumer.close()
 
