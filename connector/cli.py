@@ -175,6 +175,76 @@ def verify(
 
 
 @app.command()
+def restore(
+    to: Annotated[str, typer.Option("--to", help="bootstrap servers of the target cluster")],
+    config: ConfigOpt = None,
+    set_id: Annotated[int | None, typer.Option("--set", help="restore up to this set")] = None,
+    at: Annotated[
+        str | None,
+        typer.Option("--time", help="the last set ending at or before T (ISO-8601 or epoch ms)"),
+    ] = None,
+    topic_map: Annotated[
+        list[str] | None, typer.Option("--topic-map", help="SOURCE:TARGET topic, repeatable")
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="show the plan, write nothing")
+    ] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="append after foreign data in a non-empty target")
+    ] = False,
+    include_unsecured: Annotated[
+        bool,
+        typer.Option(
+            "--include-unsecured",
+            help="also the mirrored updates past the last set (not a consistent cut)",
+        ),
+    ] = False,
+    max_rate: Annotated[
+        float | None, typer.Option(help="at most this many records per second", min=1)
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable summary")] = False,
+) -> None:
+    """Write a committed set (default: the last) to a target cluster; resumable, verified.
+
+    Exit 0: restored and verified (or a dry run); 1: runtime error or verification
+    mismatch; 2: bad usage or config (e.g. no such set, target does not fit).
+    """
+    from connector.config import ClusterConfig
+    from connector.errors import UsageError
+    from connector.restore import restore as run_restore
+    from connector.restore_plan import RestoreRequest, parse_time, parse_topic_map
+    from connector.restore_plan import render as render_restore
+    from connector.verify import progress_bar
+
+    settings = _settings(config)
+    out = Console(stderr=as_json)
+    try:
+        request = RestoreRequest(
+            target=ClusterConfig(bootstrap_servers=to),
+            set_id=set_id,
+            at_ms=parse_time(at) if at is not None else None,
+            topic_map=parse_topic_map(topic_map or []),
+            dry_run=dry_run,
+            force=force,
+            include_unsecured=include_unsecured,
+            max_rate=max_rate,
+        )
+        with progress_bar(out, "restore") as progress:
+            result = asyncio.run(run_restore(settings, request, progress))
+    except UsageError as exc:
+        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
+        raise typer.Exit(2) from exc
+    except TandemError as exc:
+        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
+        raise typer.Exit(1) from exc
+    if as_json:
+        print(json.dumps(result.to_json(), indent=2))
+    else:
+        render_restore(result, out)
+    raise typer.Exit(0 if result.ok else 1)
+
+
+@app.command()
 def demo(
     seconds: Annotated[float, typer.Option(help="how long producers run")] = 30,
     rate: Annotated[int, typer.Option(help="records per second, all producers")] = 2000,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 import socket
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
@@ -199,6 +199,11 @@ class Settings(BaseSettings):
     mirror: MirrorConfig = MirrorConfig()
     http: HttpConfig = HttpConfig()
     announce_interval_s: float = Field(default=1.0, gt=0)
+    checkpoint_groups: list[Annotated[str, Field(pattern=_NAME.pattern)]] = Field(
+        default=[],
+        description="application consumer groups on the primary whose committed offsets each "
+        "manifest records, so that restore can translate them",
+    )
 
     @classmethod
     def settings_customise_sources(

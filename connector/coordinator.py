@@ -20,6 +20,7 @@ from typing import Any
 from aiokafka import TopicPartition
 
 from connector.assignor import Candidate, plan
+from connector.checkpoints import CheckpointSource, no_checkpoints
 from connector.clients import AsyncProducer, Outgoing
 from connector.errors import MalformedMessage
 from connector.messages import (
@@ -203,6 +204,7 @@ class Coordinator:
         current_map: Callable[[], PortionMap | None],
         max_slots: int,
         request_fresh_ms: int,
+        checkpoints: CheckpointSource = no_checkpoints,
     ) -> None:
         self._group = group
         self._member = member
@@ -215,6 +217,7 @@ class Coordinator:
         self._current_map = current_map
         self._max_slots = max_slots
         self._fresh_ms = request_fresh_ms
+        self._checkpoints = checkpoints
         self.last_committed = -1
         self.book = ReportBook()
         self.requests: dict[str, MemberAnnouncement] = {}
@@ -322,6 +325,7 @@ class Coordinator:
             members=[mm.name for mm in m.members],
             late=sum(p.late for p in portions),
             portions=portions,
+            checkpoints=await self._checkpoints([(p.topic, p.partition) for p in portions]),
         )
         await producer.begin()
         await producer.send(

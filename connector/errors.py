@@ -29,3 +29,8 @@ class MalformedMessage(TandemError):
 
 class Fenced(TandemError):
     """Another process took over this transactional id; this one must stop writing."""
+
+
+class UsageError(TandemError):
+    """A command asks for something that cannot be done as given (a set that does not exist,
+    a target that does not fit); it was refused before anything was written."""

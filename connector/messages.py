@@ -273,6 +273,16 @@ class ManifestPortion(PortionReport):
     owner: str
 
 
+class GroupCheckpoint(BaseModel):
+    """An application group's committed primary offset, as seen when a manifest was written."""
+
+    model_config = ConfigDict(frozen=True)
+    group: str
+    topic: str
+    partition: int
+    offset: int
+
+
 class Manifest(Message):
     schema_name: ClassVar[str] = "Manifest"
     set_id: int
@@ -285,6 +295,16 @@ class Manifest(Message):
     members: list[str]
     late: int = 0
     portions: list[ManifestPortion]
+    checkpoints: list[GroupCheckpoint] = []
+
+
+class RestorePlan(Message):
+    schema_name: ClassVar[str] = "RestorePlan"
+    group: str
+    topic: str
+    target_topic: str
+    bases: list[int]
+    created_ms: int
 
 
 class MapMember(BaseModel):

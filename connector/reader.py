@@ -42,6 +42,9 @@ async def standalone_consumer(
     try:
         yield consumer
     finally:
+        # aiokafka's stop() raises CancelledError if its background task has not run yet
+        # (a consumer stopped right after start, having read nothing): let it start first.
+        await asyncio.sleep(0)
         await consumer.stop()
 
 
@@ -90,3 +93,31 @@ async def read_until_end(
             ]
             if ends and await consumer.position(tp) >= min(ends):
                 pending.discard(tp)
+
+
+async def partition_ends(
+    consumer: AIOKafkaConsumer, partitions: Iterable[TopicPartition], *, timeout_s: float = 30.0
+) -> dict[TopicPartition, tuple[int, int]]:
+    """``(earliest, end)`` of each partition, the end being the high watermark of a fetch.
+
+    One fetch per partition is enough: every fetch response carries the high watermark,
+    even an empty one, so nothing is read to the end to learn where it is.
+    """
+    tps = list(partitions)
+    missing = sorted({tp.topic for tp in tps} - await consumer.topics())
+    if missing:
+        raise TopicError(f"topic(s) {', '.join(missing)} do not exist")
+    consumer.assign(tps)
+    earliest = await consumer.beginning_offsets(tps)
+    for tp in tps:
+        consumer.seek(tp, earliest[tp])
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    unknown = set(tps)
+    while unknown:
+        if loop.time() > deadline:
+            names = ", ".join(sorted(f"{tp.topic}[{tp.partition}]" for tp in unknown))
+            raise BrokerUnavailable(f"no fetch response for {names} in {timeout_s:.0f} s")
+        await consumer.getmany(*unknown, timeout_ms=200, max_records=1)
+        unknown = {tp for tp in unknown if consumer.highwater(tp) is None}
+    return {tp: (earliest[tp], consumer.highwater(tp)) for tp in tps}

@@ -23,13 +23,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
-import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka import ConsumerRecord, TopicPartition
 from confluent_kafka import KafkaException
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -39,26 +38,16 @@ from connector.clients import Admin
 from connector.config import Settings
 from connector.errors import BrokerUnavailable, MalformedMessage, TopicError
 from connector.messages import SCHEMA_HEADER, Manifest, ManifestPortion, decode, header
+from connector.ranges import FETCH, BackupRecord, RangeCursor, set_records
 from connector.reader import read_until_end, standalone_consumer
-from connector.sets import (
-    OFFSET_HEADER,
-    OWNER_HEADER,
-    SEQ_HEADER,
-    SET_HEADER,
-    TANDEM_HEADERS,
-    checksum,
-)
+from connector.sets import OFFSET_HEADER, checksum
 
 log = logging.getLogger(__name__)
 
 Portion = tuple[str, int]
-Headers = list[tuple[str, bytes | None]]
 ProgressCallback = Callable[[int, int, str], None]
 """``progress(done, total, what)``: called after each (set, portion) is compared."""
 
-# A fetch at a partition's end waits this long on the broker; short, so that moving on
-# to the next portion does not wait for it.
-FETCH: dict[str, Any] = {"fetch_max_wait_ms": 50}
 MAX_LISTED = 10  # offsets named in one problem message; the count is always exact
 
 
@@ -208,111 +197,7 @@ async def _read_manifests(
     return out
 
 
-class _Cursor:
-    """Reads one partition forward, handing out consecutive offset ranges.
-
-    Records fetched beyond a range wait in ``pending`` for the next range; a range that
-    starts before what was already handed out (an overlap) seeks back. The end of the
-    partition is the last stable offset or high watermark from a fetch, never ListOffsets.
-    """
-
-    def __init__(self, consumer: AIOKafkaConsumer, tp: TopicPartition, timeout_s: float) -> None:
-        self.consumer = consumer
-        self.tp = tp
-        self.timeout_s = timeout_s
-        self.pending: deque[ConsumerRecord[bytes, bytes]] = deque()
-        self.base: int | None = None  # records >= base not handed out are pending or unread
-        self.fetched_to = -1  # offset the consumer reads next
-
-    def start(self) -> None:
-        self.consumer.assign([self.tp])
-
-    def _seek(self, offset: int) -> None:
-        self.pending.clear()
-        self.consumer.seek(self.tp, offset)
-        self.fetched_to = offset
-        self.base = offset
-
-    def end(self) -> int | None:
-        ends = [
-            e
-            for e in (self.consumer.highwater(self.tp), self.consumer.last_stable_offset(self.tp))
-            if e is not None and e >= 0
-        ]
-        return min(ends) if ends else None
-
-    async def take(self, start: int, stop: int) -> tuple[list[ConsumerRecord[bytes, bytes]], bool]:
-        """Records with start <= offset < stop, and whether the range lay within the end."""
-        if stop <= start:
-            return [], True
-        if self.base is None or start < self.base:
-            self._seek(start)
-        while self.pending and self.pending[0].offset < start:
-            self.pending.popleft()
-        if not self.pending and self.fetched_to < start:
-            self._seek(start)
-        self.base = start
-        out: list[ConsumerRecord[bytes, bytes]] = []
-        deadline = time.monotonic() + self.timeout_s
-        complete = True
-        while True:
-            while self.pending and self.pending[0].offset < stop:
-                out.append(self.pending.popleft())
-            if self.pending or self.fetched_to >= stop:
-                break
-            batch = await self.consumer.getmany(self.tp, timeout_ms=200, max_records=10_000)
-            records = batch.get(self.tp, [])
-            if records:
-                self.pending.extend(records)
-                self.fetched_to = records[-1].offset + 1
-                continue
-            self.fetched_to = max(self.fetched_to, await self.consumer.position(self.tp))
-            if self.fetched_to >= stop:
-                break
-            end = self.end()
-            if end is not None and self.fetched_to >= end:
-                complete = False
-                break
-            if time.monotonic() > deadline:
-                raise BrokerUnavailable(
-                    f"could not read {self.tp.topic}[{self.tp.partition}] up to offset {stop} "
-                    f"in {self.timeout_s:.0f} s"
-                )
-        self.base = stop
-        return out, complete
-
-
 # --------------------------------------------------------------------------- checks
-
-
-def _split_headers(
-    headers: Sequence[tuple[str, bytes | None]],
-) -> tuple[Headers, dict[str, bytes | None]]:
-    """Original headers, and the tandem headers appended after them."""
-    hs = list(headers)
-    tail: dict[str, bytes | None] = {}
-    while hs and hs[-1][0] in TANDEM_HEADERS and hs[-1][0] not in tail and len(tail) < 4:
-        k, v = hs.pop()
-        tail[k] = v
-    return hs, tail
-
-
-def _int(v: bytes | None) -> int | None:
-    try:
-        return int(v.decode()) if v is not None else None
-    except (UnicodeDecodeError, ValueError):
-        return None
-
-
-@dataclass
-class _Backup:
-    offset: int  # in the backup partition
-    primary_offset: int | None
-    seq: int | None
-    key: bytes | None
-    value: bytes | None
-    headers: Headers
-    timestamp: int
 
 
 def _manifest_checks(manifests: list[_ManifestRecord], problems: _Problems) -> dict[int, Manifest]:
@@ -419,7 +304,7 @@ def _compare(
     mp: ManifestPortion,
     primary: list[ConsumerRecord[bytes, bytes]],
     primary_complete: bool,
-    backup: list[_Backup],
+    backup: list[BackupRecord],
     backup_complete: bool,
     t_end: int,
     t_before: int | None,
@@ -432,7 +317,7 @@ def _compare(
     checked only against the manifest. Returns how many records could not be compared.
     """
     truncated = mp.first_offset < earliest
-    unverifiable: list[_Backup] = []
+    unverifiable: list[BackupRecord] = []
 
     def add(kind: str, text: str) -> None:
         problems.add(set_id, portion, kind, text)
@@ -594,32 +479,6 @@ def _compare(
     if mp.max_timestamp != max_ts:
         add("max-timestamp", f"manifest max_timestamp {mp.max_timestamp}, records' {max_ts}")
     return len(unverifiable)
-
-
-def _backup_records(
-    records: list[ConsumerRecord[bytes, bytes]], set_id: int, owner: str
-) -> tuple[list[_Backup], int]:
-    """The set's records in a backup range, and how many others were ignored."""
-    out: list[_Backup] = []
-    ignored = 0
-    want_set, want_owner = str(set_id).encode(), owner.encode()
-    for r in records:
-        original, tail = _split_headers(list(r.headers))
-        if tail.get(SET_HEADER) != want_set or tail.get(OWNER_HEADER) != want_owner:
-            ignored += 1
-            continue
-        out.append(
-            _Backup(
-                offset=r.offset,
-                primary_offset=_int(tail.get(OFFSET_HEADER)),
-                seq=_int(tail.get(SEQ_HEADER)),
-                key=r.key,
-                value=r.value,
-                headers=original,
-                timestamp=r.timestamp,
-            )
-        )
-    return out, ignored
 
 
 # --------------------------------------------------------------------------- main
@@ -808,26 +667,26 @@ async def _check_portions(
                 earliest_offset=earliest,
             )
             result.portions[portion] = summary
-            pcur = _Cursor(primary_consumer, ptp, timeout_s)
+            pcur = RangeCursor(primary_consumer, ptp, timeout_s)
             pcur.start()
-            bcurs: dict[str, _Cursor] = {}
+            bcurs: dict[str, RangeCursor] = {}
             for i, m, mp in todo:
                 prev = entries[i - 1] if i > 0 else None
                 _prefix_checks(m, mp, prev, earliest, problems)
                 primary, p_ok = await pcur.take(mp.first_offset, mp.next_offset)
-                backup: list[_Backup] = []
+                backup: list[BackupRecord] = []
                 b_ok = True
                 if mp.backup_first_offset >= 0 and mp.backup_next_offset > mp.backup_first_offset:
                     bcur = bcurs.get(mp.backup_topic)
                     if bcur is None:
-                        bcur = bcurs[mp.backup_topic] = _Cursor(
+                        bcur = bcurs[mp.backup_topic] = RangeCursor(
                             backup_consumer, TopicPartition(mp.backup_topic, partition), timeout_s
                         )
                     if len(bcurs) > 1 or bcur.base is None:
                         bcur.start()
                         bcur.base = None  # reassigning drops the consumer's position
                     raw, b_ok = await bcur.take(mp.backup_first_offset, mp.backup_next_offset)
-                    backup, ignored = _backup_records(raw, m.set_id, mp.owner)
+                    backup, ignored = set_records(raw, m.set_id, mp.owner)
                     summary.ignored += ignored
                     del raw
                 t_before = _previous_end(m, by_id)
@@ -947,10 +806,10 @@ def render(result: VerifyResult, console: Console) -> None:
 
 
 @contextlib.contextmanager
-def progress_bar(console: Console) -> Iterator[ProgressCallback]:
-    """A rich progress bar, as a callback for ``verify(progress=...)``."""
+def progress_bar(console: Console, label: str = "verify") -> Iterator[ProgressCallback]:
+    """A rich progress bar, as a callback for ``verify(progress=...)`` or ``restore``."""
     with Progress(
-        TextColumn("verify"),
+        TextColumn(label),
         BarColumn(),
         MofNCompleteColumn(),
         TextColumn("{task.description}"),

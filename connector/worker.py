@@ -16,6 +16,7 @@ import random
 import re
 import time
 from collections.abc import Callable, Coroutine
+from functools import partial
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
@@ -23,6 +24,7 @@ from aiokafka.structs import OffsetAndMetadata
 
 from connector.assignor import TandemAssignor
 from connector.backup import SetWriter, fence, transactional_id
+from connector.checkpoints import read_checkpoints
 from connector.clients import Admin, AsyncProducer, Outgoing, TopicSpec
 from connector.config import Settings
 from connector.control import read_control
@@ -549,6 +551,7 @@ class Worker:
                 current_map=lambda: self.map,
                 max_slots=s.mirror.max_workers,
                 request_fresh_ms=self.request_fresh_ms,
+                checkpoints=partial(read_checkpoints, self._admin, s.checkpoint_groups),
             )
             self._coordinator_task = asyncio.create_task(self.coordinator.run(), name="coordinator")
         elif not leading and running:

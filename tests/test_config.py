@@ -389,3 +389,10 @@ def test_cluster_config_repr_hides_password() -> None:
         sasl_password=PASSWORD,  # type: ignore[arg-type]
     )
     assert PASSWORD not in repr(c) and PASSWORD not in str(c)
+
+
+def test_checkpoint_groups(tmp_path: Path) -> None:
+    assert load_settings(_yaml(tmp_path, _minimal())).checkpoint_groups == []
+    s = load_settings(_yaml(tmp_path, _minimal(checkpoint_groups=["billing", "audit-2"])))
+    assert s.checkpoint_groups == ["billing", "audit-2"]
+    assert "checkpoint_groups.1" in _error(**_minimal(checkpoint_groups=["ok", "not ok"]))

@@ -25,6 +25,7 @@ from connector.messages import (
     CONTROL_TYPES,
     SCHEMA_HEADER,
     Acknowledgement,
+    GroupCheckpoint,
     Handover,
     HandoverMove,
     HeldPortion,
@@ -43,6 +44,7 @@ from connector.messages import (
     PortionMap,
     PortionReport,
     RecordHeader,
+    RestorePlan,
     SetReport,
     decode,
     decode_control,
@@ -280,6 +282,10 @@ def _manifest() -> Manifest:
                 owner="w-2",
             ),
         ],
+        checkpoints=[
+            GroupCheckpoint(group="app", topic="orders", partition=0, offset=7),
+            GroupCheckpoint(group="app", topic="orders", partition=1, offset=0),
+        ],
     )
 
 
@@ -309,6 +315,16 @@ def _member_metadata() -> MemberMetadata:
     )
 
 
+def _restore_plan() -> RestorePlan:
+    return RestorePlan(
+        group="g",
+        topic="orders",
+        target_topic="orders-restored",
+        bases=[0, 0, 17],
+        created_ms=1_700_000_007_000,
+    )
+
+
 SAMPLES: dict[str, Message] = {
     "MirrorEnvelope": _envelope(),
     "MemberAnnouncement": _announcement(),
@@ -318,6 +334,7 @@ SAMPLES: dict[str, Message] = {
     "Manifest": _manifest(),
     "PortionMap": _portion_map(),
     "MemberMetadata": _member_metadata(),
+    "RestorePlan": _restore_plan(),
 }
 SAMPLE_IDS = list(SAMPLES)
 
@@ -507,6 +524,7 @@ OLDER_WRITERS = [
     ("MemberAnnouncement", "map_digest", ""),
     ("MemberAnnouncement", "leaving", False),
     ("Manifest", "late", 0),
+    ("Manifest", "checkpoints", []),
     ("MemberMetadata", "leaving", False),
     ("MemberMetadata", "slot", -1),
     ("Handover", "reason", ""),
