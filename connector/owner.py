@@ -47,7 +47,6 @@ class PortionState:
         Records past a handover boundary are left for the next owner.
         """
         out: list[MirroredRecord] = []
-        seq = self.next_seq
         for r in records:
             if r.offset < self.next_offset:
                 continue
@@ -57,25 +56,27 @@ class PortionState:
                 # The set after the boundary belongs to the next owner: not even numbered here.
                 self.sets.seal_through(self.stop_after, r.offset)
                 break
-            out.append(
-                MirroredRecord(
-                    offset=r.offset,
-                    seq=seq,
-                    timestamp=r.timestamp,
-                    timestamp_type=r.timestamp_type,
-                    key=r.key,
-                    value=r.value,
-                    headers=[RecordHeader(key=k, value=v) for k, v in r.headers],
-                )
+            rec = MirroredRecord(
+                offset=r.offset,
+                seq=self.next_seq,
+                timestamp=r.timestamp,
+                timestamp_type=r.timestamp_type,
+                key=r.key,
+                value=r.value,
+                headers=[RecordHeader(key=k, value=v) for k, v in r.headers],
             )
-            seq += 1
+            # Into its set at once: a boundary met later in this batch cuts after it.
+            self.sets.add(rec)
+            out.append(rec)
+            self.next_seq += 1
             self.next_offset = r.offset + 1
-        self.next_seq = seq
         self.sequenced += len(out)
         self.unsecured.extend(out)
-        for rec in out:
-            self.sets.add(rec)
         return out
+
+    def tick(self, now_ms: int, grace_ms: int, position: int, high_watermark: int | None) -> None:
+        """Seal idle windows, never past a handover boundary."""
+        self.sets.tick(now_ms, grace_ms, position, high_watermark, last=self.stop_after)
 
     def secure_through(self, last_seq: int) -> None:
         """A committed set holds everything up to last_seq: no need to keep it twice."""

@@ -311,12 +311,11 @@ class Worker:
         async with self._write_lock:
             for state in self.portions.values():
                 tp = TopicPartition(state.topic, state.partition)
-                state.sets.tick(
+                state.tick(
                     now,
                     fresh_grace,
                     await self._consumer.position(tp),
                     self._consumer.highwater(tp),
-                    last=state.stop_after,
                 )
                 if state.stopped:
                     self._pause(tp)
