@@ -246,11 +246,11 @@ def restore(
 
 @app.command()
 def demo(
-    seconds: Annotated[float, typer.Option(help="how long producers run")] = 30,
+    seconds: Annotated[float, typer.Option(help="how long producers run")] = 60,
     rate: Annotated[int, typer.Option(help="records per second, all producers")] = 2000,
     workers: Annotated[int, typer.Option(help="workers to run")] = 3,
 ) -> None:
-    """The one-command tour: embedded broker, producers, workers, the map and the counts."""
+    """The one-command tour: producers, workers, a join, a SIGKILL, verify and the figures."""
     from connector.demo import run_demo
 
     raise typer.Exit(run_demo(seconds=seconds, rate=rate, workers=workers))

@@ -1,9 +1,11 @@
-"""``tandem demo``: the whole story on one machine, ending by itself.
+"""``tandem demo``: the whole story on one machine, ending by itself in about a minute.
 
-It starts the embedded broker, creates two primary topics, runs steady producers and real
-worker processes, and shows from the outside (control and sets topics) how portions are
-owned and mirrored and how consistent sets commit; then it verifies the backup against the
-primary and reports the RPO it saw.
+It starts the embedded broker, creates two primary topics, runs steady producers and three
+real worker processes; a fourth worker joins (at a set boundary), then one is killed with
+SIGKILL and its portions fail over to their mirrors. Throughout, the members and the
+consistent sets are shown live from the outside (control and sets topics). At the end it
+verifies the backup against the primary and sums up: sets, RPO, failover time, join pause,
+records lost and duplicated, all measured from the topics rather than the workers.
 """
 
 from __future__ import annotations
@@ -12,21 +14,20 @@ import asyncio
 import signal
 import statistics
 import tempfile
-import threading
 import time
 from collections import Counter
 from pathlib import Path
 
-from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 from rich.console import Console, Group
 from rich.live import Live
+from rich.table import Table
 
 from connector.broker import EmbeddedBroker
 from connector.config import load_settings
 from connector.control import ControlView, read_control
 from connector.coordinator import read_manifests
-from connector.fleet import WorkerProcess, write_config
+from connector.fleet import SteadyProducer, WorkerProcess, write_config
 from connector.messages import Manifest
 from connector.status import (
     map_table,
@@ -36,49 +37,11 @@ from connector.status import (
     sets_rows,
     sets_table,
 )
-from connector.verify import render, verify
+from connector.timeline import Timeline, read_timeline
+from connector.verify import VerifyResult, render, verify
 
 TOPICS = {"orders": 6, "payments": 6}
 GROUP = "tandem-demo"
-
-
-def produce(
-    bootstrap: str,
-    seconds: float,
-    rate: int,
-    counts: Counter[tuple[str, int]],
-    stop: threading.Event,
-) -> None:
-    """Steady producers, one per topic, keyed so partitions fill unevenly like real data."""
-    lock = threading.Lock()
-
-    def one(topic: str) -> None:
-        p = Producer({"bootstrap.servers": bootstrap, "acks": "all", "linger.ms": 5})
-
-        def delivered(err: object, msg: object) -> None:
-            if err is None:
-                with lock:
-                    counts[(msg.topic(), msg.partition())] += 1  # type: ignore[attr-defined]
-
-        per_tick = max(1, rate // len(TOPICS) // 10)
-        i = 0
-        end = time.monotonic() + seconds
-        while time.monotonic() < end and not stop.is_set():
-            for _ in range(per_tick):
-                key = f"customer-{i % 97}".encode()
-                p.produce(
-                    topic, key=key, value=f"{topic} update {i}".encode() * 8, on_delivery=delivered
-                )
-                i += 1
-            p.poll(0)
-            time.sleep(0.1)
-        p.flush(30)
-
-    threads = [threading.Thread(target=one, args=(t,)) for t in TOPICS]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
 
 
 def covered(manifests: dict[int, Manifest], counts: Counter[tuple[str, int]]) -> bool:
@@ -99,9 +62,10 @@ def _interrupt_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
-def run_demo(seconds: float = 30, rate: int = 2000, workers: int = 3) -> int:
+def run_demo(seconds: float = 60, rate: int = 2000, workers: int = 3) -> int:
     _interrupt_on_sigterm()
     console = Console()
+    join_at, kill_at = seconds * 0.3, seconds * 0.6
     with tempfile.TemporaryDirectory(prefix="tandem-demo-") as tmp, EmbeddedBroker() as broker:
         work = Path(tmp)
         console.print(f"[bold]embedded broker[/bold] at {broker.bootstrap}")
@@ -128,46 +92,65 @@ def run_demo(seconds: float = 30, rate: int = 2000, workers: int = 3) -> int:
         )
         fleet = [WorkerProcess(f"worker-{i + 1}", config, work).start() for i in range(workers)]
         console.print(f"started {workers} workers: {', '.join(w.name for w in fleet)}")
-        counts: Counter[tuple[str, int]] = Counter()
-        stop = threading.Event()
-        producer = threading.Thread(
-            target=produce, args=(broker.bootstrap, seconds, rate, counts, stop)
-        )
+        producer = SteadyProducer(broker.bootstrap, list(TOPICS), rate=rate, value_size=200)
         producer.start()
+        started = time.monotonic()
         client = {"bootstrap_servers": broker.bootstrap}
         rpo: list[float] = []
         manifests: dict[int, Manifest] = {}
         view = ControlView()
+        story: list[tuple[float, str]] = []
+        joined_ms = killed_ms = 0
+        victim = ""
+        counts: Counter[tuple[str, int]] = Counter()
         ok = False
-        deadline = time.monotonic() + seconds + 120
+        deadline = started + seconds + 120
         try:
             with Live(console=console, refresh_per_second=2) as live:
                 while time.monotonic() < deadline:
                     time.sleep(1)
+                    elapsed = time.monotonic() - started
+                    if not joined_ms and elapsed >= join_at:
+                        joined_ms = int(time.time() * 1000)
+                        fleet.append(
+                            WorkerProcess(f"worker-{len(fleet) + 1}", config, work).start()
+                        )
+                        story.append((elapsed, f"{fleet[-1].name} starts and asks to join"))
+                    if not killed_ms and elapsed >= kill_at:
+                        m = view.latest_map
+                        coordinator = m.coordinator if m else ""
+                        target = next(w for w in fleet if w.alive and w.name != coordinator)
+                        victim = target.name
+                        killed_ms = int(time.time() * 1000)
+                        target.kill()
+                        story.append((elapsed, f"{victim} killed with SIGKILL"))
+                    if producer.running and elapsed >= seconds:
+                        counts = producer.stop()
+                        story.append((elapsed, f"producers stop after {sum(counts.values())}"))
                     view = asyncio.run(read_control(client, f"{GROUP}.control"))
                     manifests = asyncio.run(read_manifests(client, f"{GROUP}.sets"))
                     last = manifests[max(manifests)] if manifests else None
-                    if producer.is_alive() and last is not None:
+                    if producer.running and last is not None:
                         rpo.append(rpo_seconds(last) or 0.0)
                     live.update(
                         Group(
                             members_table(members_rows(view, 15_000), title="members (live)"),
                             sets_table(sets_rows(manifests)[-5:], title="last committed sets"),
-                            f"produced {sum(counts.values())}   last set "
-                            f"{last.set_id if last else '-'}   RPO {rpo_seconds(last)} s",
+                            f"t={elapsed:4.0f}s  produced {sum(producer.counts.values())}   "
+                            f"last set {last.set_id if last else '-'}   "
+                            f"RPO {rpo_seconds(last)} s",
+                            *(f"[bold]{t:4.0f}s[/bold] {what}" for t, what in story),
                         )
                     )
-                    dead = [w.name for w in fleet if not w.alive]
-                    if dead:
-                        console.print(f"[red]worker(s) exited: {', '.join(dead)}[/red]")
+                    crashed = [w.name for w in fleet if not w.alive and w.name != victim]
+                    if crashed:
+                        console.print(f"[red]worker(s) exited: {', '.join(crashed)}[/red]")
                         break
-                    if not producer.is_alive() and covered(manifests, counts):
+                    if not producer.running and counts and covered(manifests, counts):
                         ok = True
                         break
-            stop.set()
-            producer.join()
+            counts = producer.stop()
             console.print(map_table(view))
-            console.print(members_table(members_rows(view, 15_000), title="per worker"))
             total = sum(counts.values())
             if not ok:
                 console.print(
@@ -182,13 +165,67 @@ def run_demo(seconds: float = 30, rate: int = 2000, workers: int = 3) -> int:
             )
             result = asyncio.run(verify(load_settings(config), all_sets=True))
             render(result, console)
-            if rpo:
-                q = statistics.quantiles(rpo, n=100) if len(rpo) > 1 else [rpo[0]] * 99
-                console.print(
-                    f"RPO at steady load over {len(rpo)} samples: p50 {q[49]:.2f} s, "
-                    f"p99 {q[98]:.2f} s (interval 5 s + grace 1 s)"
-                )
-            return 0 if result.ok else 1
+            timeline = asyncio.run(read_timeline(client, GROUP, 32))
+            console.print(
+                summary(manifests, rpo, timeline, joined_ms, killed_ms, victim, result, total)
+            )
+            return 0 if result.ok and not timeline.reused else 1
         finally:
+            producer.stop()
             for w in fleet:
                 w.terminate()
+
+
+def summary(
+    manifests: dict[int, Manifest],
+    rpo: list[float],
+    timeline: Timeline,
+    joined_ms: int,
+    killed_ms: int,
+    victim: str,
+    result: VerifyResult,
+    total: int,
+) -> Table:
+    """The figures of the run, each measured from the topics."""
+    table = Table(title="summary (measured from the topics, not from the workers)")
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    table.add_row("committed sets", str(len(manifests)))
+    if rpo:
+        q = statistics.quantiles(rpo, n=100) if len(rpo) > 1 else [rpo[0]] * 99
+        table.add_row(
+            "RPO p50 / p99 (interval 5 s + grace 1 s; p99 spans the failover)",
+            f"{q[49]:.1f} s / {q[98]:.1f} s",
+        )
+    before = timeline.map_at(killed_ms)
+    if before is not None:
+        moved = [(p.topic, p.partition) for p in before.portions if p.owner == victim]
+        resumed = [timeline.resumed(p, killed_ms) for p in moved]
+        if moved and all(resumed):
+            last = max(r.at_ms for r in resumed if r)
+            table.add_row(
+                f"failover of {victim}'s {len(moved)} portions (kill to moving again)",
+                f"{(last - killed_ms) / 1000:.1f} s",
+            )
+        restored = timeline.protected_at(killed_ms)
+        if restored is not None:
+            table.add_row(
+                "redundancy restored after the kill", f"{(restored - killed_ms) / 1000:.1f} s"
+            )
+    try:
+        at, after = timeline.first_map_after(joined_ms)
+        stayed = max(
+            (timeline.gaps((p.topic, p.partition), joined_ms, at + 5000) for p in after.portions),
+            default=0.0,
+        )
+        table.add_row("longest pause of a portion during the join", f"{stayed:.1f} s")
+    except LookupError:
+        pass
+    kinds = result.kinds()
+    table.add_row(
+        "records produced / verified in the backup", f"{total} / {result.records_checked}"
+    )
+    table.add_row("records lost", str(kinds.get("missing", 0)))
+    table.add_row("records duplicated", str(kinds.get("duplicate", 0)))
+    table.add_row("sequence numbers reused", str(len(timeline.reused)))
+    return table

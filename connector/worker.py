@@ -174,6 +174,8 @@ class Worker:
         self._spawn(self._announce_loop(), "announcer")
         self._spawn(self.sender.run(), "mirror-sender")
         await self._await_turn()
+        if self._closing.is_set():
+            return  # stopped while waiting for its turn: it never joined
         assignor = TandemAssignor(self._metadata, s.mirror.max_workers, self._on_map)
         session = s.source.session_timeout_ms
         self._consumer = AIOKafkaConsumer(
@@ -256,6 +258,8 @@ class Worker:
         deadline = time.monotonic() + timeout_s
         while not done():
             self.check_errors()
+            if self._closing.is_set():
+                return False
             if time.monotonic() > deadline:
                 log.warning("no %s after %.0f s: going on without it", what, timeout_s)
                 return False
@@ -277,7 +281,9 @@ class Worker:
 
     async def run(self) -> None:
         """Read, number and mirror until close() is called."""
-        assert self._consumer is not None and self.sender is not None
+        if self._consumer is None:
+            return
+        assert self.sender is not None
         while not self._closing.is_set():
             self.check_errors()
             batch = await self._consumer.getmany(timeout_ms=200, max_records=5000)

@@ -1,0 +1,1 @@
+"""Benchmarks and long-running checks; run with ``python -m bench...``."""
