@@ -20,7 +20,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from connector.messages import Manifest, SetReport
-from connector.status import rpo_seconds
+from connector.status import rpo_seconds, unprotected
 
 if TYPE_CHECKING:
     from connector.worker import Worker
@@ -233,14 +233,12 @@ class _StateCollector(Collector):
             labels=PORTION,
         )
         held = w.sender.held if w.sender is not None else {}
-        unprotected = 0
         for portion, st in sorted(w.portions.items()):
             labels = [portion[0], str(portion[1])]
             sequenced.add_metric(labels, st.sequenced)
             acked = sum(r.last_seq - r.first_seq + 1 for r in held.get(portion, []))
             mirrored.add_metric(labels, acked)
             in_flight.add_metric(labels, len(st.unsecured))
-            unprotected += st.mirror is None
         yield sequenced
         yield mirrored
         yield in_flight
@@ -249,8 +247,9 @@ class _StateCollector(Collector):
         )
         yield GaugeMetricFamily(
             "tandem_unprotected_portions",
-            "Owned portions without a mirror: their unsecured updates have one holder",
-            value=unprotected,
+            "Owned portions whose oldest unsecured update has one holder (no mirror, or the "
+            "new mirror has not acknowledged the re-send yet)",
+            value=sum(unprotected(o) for o in w.owned()) if w.sender is not None else 0,
         )
 
     def _mirrored(self) -> Iterator[Metric]:

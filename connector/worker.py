@@ -851,9 +851,10 @@ class Worker:
 
     # -- announcements ---------------------------------------------------------------------
 
-    def announcement(self) -> MemberAnnouncement:
+    def owned(self) -> list[OwnedPortion]:
+        """What this worker owns, as it tells the group (and status and metrics judge)."""
         assert self.sender is not None
-        owned = [
+        return [
             OwnedPortion(
                 topic=st.topic,
                 partition=st.partition,
@@ -866,6 +867,8 @@ class Worker:
             )
             for p, st in sorted(self.portions.items())
         ]
+
+    def announcement(self) -> MemberAnnouncement:
         mirrored = [
             MirroredPortion(
                 topic=p[0],
@@ -886,7 +889,7 @@ class Worker:
             leaving=self._leaving,
             joining=self._joining,
             map_digest=self.map.digest() if self.map else "",
-            owned=owned,
+            owned=self.owned(),
             mirrored=mirrored,
             malformed=self.store.malformed,
         )
