@@ -1,0 +1,1 @@
+"""Benchmarks of Tandem on the embedded broker: ``python -m bench`` (see README)."""
