@@ -121,3 +121,27 @@ class PortionState:
             state.next_seq = rec.seq + 1
             state.next_offset = rec.offset + 1
         return state
+
+
+class Backpressure:
+    """Stops an owner reading the primary while it holds too many unsecured updates.
+
+    Every update read stays in memory until a committed set covers it, so when sets stall
+    (backup cluster slow, coordinator gone) the owner would grow without end; instead it
+    pauses at ``limit`` and reads again once commits bring it under ``resume_at``. While
+    engaged, an idle-window seal may cut at the position read so far: a window holding more
+    than the limit still closes, and what it could not read goes into the next set as late.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.resume_at = limit * 3 // 4
+        self.engaged = False
+
+    def update(self, portions: Iterable[PortionState]) -> bool:
+        held = sum(len(st.unsecured) for st in portions)
+        if held >= self.limit:
+            self.engaged = True
+        elif held <= self.resume_at:
+            self.engaged = False
+        return self.engaged
