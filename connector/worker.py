@@ -294,15 +294,14 @@ class Worker:
                 taken = state.take(records)
                 if state.stopped:
                     self._pause(tp)
-                if taken and state.mirror is not None:
-                    assert self.map is not None
+                assert self.map is not None
+                mirror = state.mirror
+                if taken and mirror is not None and any(m.name == mirror for m in self.map.members):
                     self.sender.enqueue(
-                        state.portion,
-                        state.mirror,
-                        self.map.slot_of(state.mirror),
-                        self.map.epoch,
-                        taken,
+                        state.portion, mirror, self.map.slot_of(mirror), self.map.epoch, taken
                     )
+                # else the mirror just left the map: the new mirror gets these with the
+                # re-send of everything unsecured that ends the rebalance.
             self._hold_back()
             await self._seal_and_write()
             await self.sender.wait_room()
