@@ -1,1 +1,1 @@
-"""Benchmarks of Tandem on the embedded broker: ``python -m bench`` (see README)."""
+"""Benchmarks and long-running checks; run with ``python -m bench...``."""
