@@ -14,9 +14,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import report, throughput
+from bench import membership, memory, report, throughput
 
-SCENARIOS = ("throughput",)
+SCENARIOS = ("throughput", "membership", "memory")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,8 +31,12 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="tandem-bench-") as tmp:
         work = Path(tmp)
         if "throughput" in a.only:
-            n = 100_000 if a.quick else 300_000
+            n = 100_000 if a.quick else 240_000
             results["throughput"] = throughput.measure(work, n, check=not a.no_verify)
+        if "membership" in a.only:
+            results["membership"] = membership.measure(work, a.quick, check=not a.no_verify)
+        if "memory" in a.only:
+            results["memory"] = memory.measure(work, 1_000_000, 45 if a.quick else 90)
     results["finished"] = time.time()
     a.plots.mkdir(parents=True, exist_ok=True)
     results["plots"] = [str(p) for p in report.plots(results, a.plots)]

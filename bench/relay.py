@@ -54,7 +54,7 @@ def relay(bootstrap: str, src: str, dst: str, partitions: int, count: int) -> di
                         dst,
                         value=m.value(),
                         key=m.key(),
-                        partition=m.partition(),
+                        partition=m.partition() or 0,
                         headers=m.headers(),
                         timestamp=m.timestamp()[1],
                         on_delivery=delivered,

@@ -10,7 +10,6 @@ envelope: from then on the update survives the owner.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import defaultdict
@@ -232,7 +231,7 @@ class MirrorStore:
         *,
         topic: str,
         member: str,
-        memory_records: int = 200_000,
+        memory_records: int = 100_000,
     ) -> None:
         self._client = client
         self._topic = topic
@@ -303,13 +302,8 @@ class MirrorStore:
         for slot in sorted({e[0] for e in h.spilled}):
             wanted = {off for sl, off, _, _ in h.spilled if sl == slot}
             tp = TopicPartition(self._topic, slot)
-            async with (
-                standalone_consumer(self._client) as consumer,
-                contextlib.aclosing(
-                    read_until_end(consumer, [tp], start={tp: min(wanted)})
-                ) as batches,
-            ):
-                async for _tp, records in batches:
+            async with standalone_consumer(self._client) as consumer:
+                async for _tp, records in read_until_end(consumer, [tp], start={tp: min(wanted)}):
                     for r in records:
                         if r.offset not in wanted:
                             continue
@@ -320,8 +314,6 @@ class MirrorStore:
                         for rec in env.records:
                             if rec.seq > h.secured_through:
                                 h.copies[rec.seq] = rec
-                    if not wanted:
-                        break
             if wanted:
                 raise MalformedMessage(
                     f"{self._topic}[{slot}]: offsets {sorted(wanted)[:5]} of "
