@@ -1,7 +1,7 @@
 """``python -m bench [--quick] [--json] [--only NAME ...]``: every figure in one run.
 
 Prints a table of figures against their targets; ``--json`` prints the raw measurements
-instead; PNG plots go to ``docs/bench/`` (``--plots DIR``).
+instead; PNG plots and ``results.json`` go to ``docs/bench/`` (``--plots DIR``).
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     results["finished"] = time.time()
     a.plots.mkdir(parents=True, exist_ok=True)
     results["plots"] = [str(p) for p in report.plots(results, a.plots)]
+    (a.plots / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     if a.json:
         json.dump(results, sys.stdout, indent=1)
         print()
