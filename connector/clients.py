@@ -177,39 +177,55 @@ class AsyncProducer(_Blocking):
             self._producer.poll(0.05)
 
     async def send_many(self, records: Sequence[Outgoing]) -> list[tuple[int, int]]:
-        """Send records in order; resolves when all are acknowledged by the cluster."""
-        loop = asyncio.get_running_loop()
-        futures = [loop.create_future() for _ in records]
+        """Send records in order; resolves when all are acknowledged by the cluster.
 
-        def deliver(fut: asyncio.Future[tuple[int, int]]) -> Callable[[Any, Any], None]:
+        One future per call, not per record: delivery callbacks only fill a list, and the
+        last one wakes the event loop once, so a large set costs the loop nothing per record.
+        """
+        if not records:
+            return []
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+        results: list[tuple[int, int]] = [(-1, -1)] * len(records)
+        pending = len(records)
+        lock = threading.Lock()
+
+        def deliver(i: int) -> Callable[[Any, Any], None]:
             def cb(err: KafkaError | None, msg: Any) -> None:
+                nonlocal pending
                 if err is not None:
-                    exc: Exception = _wrap(err)
-                    loop.call_soon_threadsafe(_set_exception, fut, exc)
-                else:
-                    loop.call_soon_threadsafe(_set_result, fut, (msg.partition(), msg.offset()))
+                    loop.call_soon_threadsafe(_set_exception, done, _wrap(err))
+                    return
+                results[i] = (msg.partition(), msg.offset())
+                with lock:
+                    pending -= 1
+                    last = pending == 0
+                if last:
+                    loop.call_soon_threadsafe(_set_result, done, None)
 
             return cb
 
         def run() -> None:
-            for rec, fut in zip(records, futures, strict=True):
+            produce = self._producer.produce
+            for i, rec in enumerate(records):
                 while True:
                     try:
-                        self._producer.produce(
+                        produce(
                             rec.topic,
                             value=rec.value,
                             key=rec.key,
                             partition=rec.partition,
                             headers=list(rec.headers) or None,
                             timestamp=rec.timestamp,
-                            on_delivery=deliver(fut),
+                            on_delivery=deliver(i),
                         )
                         break
                     except BufferError:
                         self._producer.poll(0.05)
 
         await self._call(run)
-        return list(await asyncio.gather(*futures))
+        await done
+        return results
 
     async def send(self, record: Outgoing) -> tuple[int, int]:
         return (await self.send_many([record]))[0]

@@ -97,6 +97,12 @@ class SourceConfig(ClusterConfig):
     topic_regex: str | None = None
     session_timeout_ms: int = Field(default=10_000, ge=1_000)
     start_from: Literal["earliest", "latest"] = "earliest"
+    max_unsecured_records: int = Field(
+        default=100_000,
+        ge=1,
+        description="updates one worker holds as owner before it stops reading the primary "
+        "until a set commits (backpressure: memory stays bounded when sets stall)",
+    )
     static_membership: bool = Field(
         default=False,
         description="join with group.instance.id = member_id, so a restarted pod takes its "
@@ -155,7 +161,7 @@ class MirrorConfig(_Frozen):
     batch_records: int = Field(default=1000, ge=1)
     batch_bytes: int = Field(default=512 * 1024, ge=1024)
     memory_records: int = Field(
-        default=200_000, ge=1, description="copies a mirror keeps in memory; beyond, positions"
+        default=100_000, ge=1, description="copies a mirror keeps in memory; beyond, positions"
     )
 
 

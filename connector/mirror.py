@@ -199,7 +199,17 @@ class _Held:
     owner: str
     received: int = 0
     last_seq: int = -1
+    secured_through: int = -1
     copies: dict[int, MirroredRecord] = field(default_factory=dict)
+    # Envelopes kept only by their place in the mirror topic: (slot, offset, first, last seq).
+    spilled: list[tuple[int, int, int, int]] = field(default_factory=list)
+
+    @property
+    def count(self) -> int:
+        """Copies held, in memory or by position."""
+        return len(self.copies) + sum(
+            last - max(first, self.secured_through + 1) + 1 for _, _, first, last in self.spilled
+        )
 
 
 class MirrorStore:
@@ -208,21 +218,45 @@ class MirrorStore:
     It reads its own slot's partition of ``<group>.mirror``. Envelopes addressed to another
     member (a slot's previous holder) are not ours and are skipped; undecodable ones are
     logged and counted, never fatal: the owner still has the update and the topic keeps it.
+
+    At most ``memory_records`` copies stay in memory; past that an envelope is kept only
+    by its offset in the partition (the topic keeps it, retention -1), and ``recall`` reads
+    such envelopes back when a takeover needs the copies. Memory stays bounded however
+    long sets take to commit.
     """
 
-    def __init__(self, client: dict[str, Any], *, topic: str, member: str) -> None:
+    def __init__(
+        self,
+        client: dict[str, Any],
+        *,
+        topic: str,
+        member: str,
+        memory_records: int = 100_000,
+    ) -> None:
         self._client = client
         self._topic = topic
         self._member = member
+        self._memory_records = memory_records
+        self._slot: int | None = None
         self.portions: dict[Portion, _Held] = {}
         self.handed: dict[Portion, int] = {}  # portion -> last seq a surviving mirror passed on
         self.malformed = 0
         self.foreign = 0
 
     def held(self) -> int:
+        return sum(h.count for h in self.portions.values())
+
+    def in_memory(self) -> int:
         return sum(len(h.copies) for h in self.portions.values())
 
-    def accept(self, value: bytes | None, headers: list[tuple[str, bytes | None]]) -> None:
+    def accept(
+        self,
+        value: bytes | None,
+        headers: list[tuple[str, bytes | None]],
+        offset: int | None = None,
+    ) -> None:
+        """Keep an envelope's copies; ``offset`` (its place in our partition) lets the
+        store keep only that when memory is full."""
         try:
             env = decode(MirrorEnvelope, value, header(headers, SCHEMA_HEADER))
         except MalformedMessage as exc:
@@ -237,21 +271,62 @@ class MirrorStore:
             return
         h = self.portions.setdefault((env.topic, env.partition), _Held(owner=env.owner))
         h.owner = env.owner
-        for rec in env.records:
-            if rec.seq not in h.copies:
-                h.received += 1
-            h.copies[rec.seq] = rec
+        spill = offset is not None and self._slot is not None
+        if spill and self.in_memory() + len(env.records) > self._memory_records:
+            assert offset is not None and self._slot is not None
+            h.received += sum(1 for r in env.records if r.seq > h.last_seq)
+            h.spilled.append((self._slot, offset, env.first_seq, env.last_seq))
+        else:
+            for rec in env.records:
+                if rec.seq not in h.copies:
+                    h.received += 1
+                h.copies[rec.seq] = rec
         h.last_seq = max(h.last_seq, env.last_seq)
 
     def drop_through(self, portion: Portion, last_seq: int) -> None:
         """A committed manifest covers these: the copies are secured, let them go."""
         h = self.portions.get(portion)
         if h is not None:
+            h.secured_through = max(h.secured_through, last_seq)
             h.copies = {s: r for s, r in h.copies.items() if s > last_seq}
+            h.spilled = [e for e in h.spilled if e[3] > last_seq]
+
+    async def recall(self, portion: Portion) -> None:
+        """Read the copies kept only by position back into memory, before ``take``.
+
+        Only a takeover calls this, so the bound is exceeded only while one portion moves.
+        """
+        h = self.portions.get(portion)
+        if h is None or not h.spilled:
+            return
+        for slot in sorted({e[0] for e in h.spilled}):
+            wanted = {off for sl, off, _, _ in h.spilled if sl == slot}
+            tp = TopicPartition(self._topic, slot)
+            async with standalone_consumer(self._client) as consumer:
+                async for _tp, records in read_until_end(consumer, [tp], start={tp: min(wanted)}):
+                    for r in records:
+                        if r.offset not in wanted:
+                            continue
+                        wanted.discard(r.offset)
+                        env = decode(
+                            MirrorEnvelope, r.value, header(list(r.headers), SCHEMA_HEADER)
+                        )
+                        for rec in env.records:
+                            if rec.seq > h.secured_through:
+                                h.copies[rec.seq] = rec
+            if wanted:
+                raise MalformedMessage(
+                    f"{self._topic}[{slot}]: offsets {sorted(wanted)[:5]} of "
+                    f"{portion[0]}[{portion[1]}]'s copies are gone"
+                )
+        h.spilled = []
 
     def take(self, portion: Portion) -> list[MirroredRecord]:
         """Give up the copies of a portion this worker now owns, in sequence order."""
-        h = self.portions.pop(portion, None)
+        h = self.portions.get(portion)
+        if h is not None and h.spilled:
+            raise RuntimeError(f"{portion}: copies kept by position: recall() them first")
+        self.portions.pop(portion, None)
         self.handed.pop(portion, None)
         return [h.copies[s] for s in sorted(h.copies)] if h else []
 
@@ -270,6 +345,7 @@ class MirrorStore:
         return True
 
     async def run(self, slot: int) -> None:
+        self._slot = slot
         consumer = AIOKafkaConsumer(
             **self._client,
             group_id=None,
@@ -285,7 +361,7 @@ class MirrorStore:
                 batch = await consumer.getmany(timeout_ms=500, max_records=2000)
                 for records in batch.values():
                     for r in records:
-                        self.accept(r.value, list(r.headers))
+                        self.accept(r.value, list(r.headers), r.offset)
         finally:
             await consumer.stop()
 

@@ -54,7 +54,7 @@ from connector.mirror import (
     marker_envelope,
     read_copies,
 )
-from connector.owner import Portion, PortionState
+from connector.owner import Backpressure, Portion, PortionState
 from connector.reader import standalone_consumer
 from connector.sets import Windows
 
@@ -116,7 +116,12 @@ class Worker:
         self._admin = Admin(settings.source.confluent())
         self._backup_admin = Admin(backup.confluent())
         self._producer: AsyncProducer | None = None
-        self.store = MirrorStore(self._backup_client, topic=settings.mirror_topic, member=self.name)
+        self.store = MirrorStore(
+            self._backup_client,
+            topic=settings.mirror_topic,
+            member=self.name,
+            memory_records=settings.mirror.memory_records,
+        )
         self.sender: MirrorSender | None = None
         self.writer: SetWriter | None = None
         self._txn_producer: AsyncProducer | None = None
@@ -134,6 +139,7 @@ class Worker:
         self._joining = False
         self._leave_task: asyncio.Task[None] | None = None
         self._paused: set[TopicPartition] = set()
+        self.backpressure = Backpressure(settings.source.max_unsecured_records)
         # A request to join or leave counts for the coordinator while it is this fresh.
         self.request_fresh_ms = int(max(3 * settings.announce_interval_s, 2) * 1000)
         self.metrics = Metrics(self)
@@ -302,6 +308,7 @@ class Worker:
                     )
                 # else the mirror just left the map: the new mirror gets these with the
                 # re-send of everything unsecured that ends the rebalance.
+            self._hold_back()
             await self._seal_and_write()
             await self.sender.wait_room()
 
@@ -316,11 +323,12 @@ class Worker:
         async with self._write_lock:
             for state in self.portions.values():
                 tp = TopicPartition(state.topic, state.partition)
+                position = await self._consumer.position(tp)
                 state.tick(
                     now,
                     fresh_grace,
-                    await self._consumer.position(tp),
-                    self._consumer.highwater(tp),
+                    position,
+                    position if self.backpressure.engaged else self._consumer.highwater(tp),
                 )
                 if state.stopped:
                     self._pause(tp)
@@ -340,6 +348,20 @@ class Worker:
                 self.metrics.set_written(report, time.monotonic() - t0)
                 for st in self.portions.values():
                     st.sets.drop(n)
+
+    def _hold_back(self) -> None:
+        """Backpressure: no fetching while too much is unsecured, so memory stays bounded."""
+        assert self._consumer is not None
+        assigned = self._consumer.assignment()
+        tps = [
+            tp
+            for tp in (TopicPartition(*p) for p in self.portions)
+            if tp in assigned and tp not in self._paused
+        ]
+        if self.backpressure.update(self.portions.values()):
+            self._consumer.pause(*tps)
+        else:
+            self._consumer.resume(*tps)
 
     def _pause(self, tp: TopicPartition) -> None:
         """Stop fetching a portion that reached its handover boundary.
@@ -615,6 +637,7 @@ class Worker:
             return
         envelopes = []
         for portion, owner, to in moving:
+            await self.store.recall(portion)
             copies = self.store.take(portion)
             envelopes += [
                 (new_map.slot_of(to), env)
@@ -754,6 +777,7 @@ class Worker:
             if (mirror == self.name and synced) or (
                 mirror not in (None, self.name) and await self.store.marker(portion, timeout_s=10)
             ):
+                await self.store.recall(portion)
                 out[portion] = self.store.take(portion)
             else:
                 missing.append(portion)

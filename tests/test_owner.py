@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiokafka import ConsumerRecord
 
-from connector.owner import PortionState
+from connector.owner import Backpressure, PortionState
 from connector.sets import Windows
 
 W = Windows(interval_ms=1000, first_window=100)  # set N ends at (100 + N) s
@@ -58,3 +58,24 @@ def test_without_a_boundary_numbering_goes_on() -> None:
     st = fresh()
     taken = st.take([rec(0, W.end_ms(0) - 1), rec(1, W.end_ms(3) + 1)])
     assert [r.seq for r in taken] == [0, 1] and not st.stopped and st.sets.open == 4
+
+
+def test_backpressure_engages_at_the_limit_and_releases_below_three_quarters() -> None:
+    st = fresh()
+    st.take([rec(i, 100_000) for i in range(100)])
+    bp = Backpressure(limit=100)
+    assert bp.update([st])
+    st.secure_through(10)  # 89 left: still above 75
+    assert bp.update([st])
+    st.secure_through(30)  # 69 left
+    assert not bp.update([st])
+
+
+def test_a_held_back_owner_still_closes_a_window_larger_than_its_limit() -> None:
+    """Sealing at the position read so far: the rest of the window goes in later, as late."""
+    st = fresh()
+    st.take([rec(i, 100_000) for i in range(5)])
+    st.tick(now_ms=101_000, grace_ms=500, position=5, high_watermark=5)  # backpressure's view
+    assert st.sets.sealed(0) is not None and st.sets.sealed(0).next_offset == 5  # type: ignore[union-attr]
+    st.take([rec(5, 100_000)])
+    assert st.sets.pieces[1].late == 1
