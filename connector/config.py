@@ -160,6 +160,11 @@ class MirrorConfig(_Frozen):
     )
     batch_records: int = Field(default=1000, ge=1)
     batch_bytes: int = Field(default=512 * 1024, ge=1024)
+    retention_hours: float = Field(
+        default=72,
+        gt=0,
+        description="how long <group>.mirror keeps copies; they matter only until secured",
+    )
     memory_records: int = Field(
         default=100_000, ge=1, description="copies a mirror keeps in memory; beyond, positions"
     )

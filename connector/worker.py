@@ -62,12 +62,21 @@ log = logging.getLogger(__name__)
 
 
 def internal_topics(settings: Settings) -> list[TopicSpec]:
-    """The group's own topics on the backup cluster and the shape each must have."""
-    keep = (("retention.ms", "-1"),)
+    """The group's own topics on the backup cluster and the shape each must have.
+
+    Copies in the mirror topic matter only until a set secures them (seconds), so the topic
+    keeps them for ``mirror.retention_hours`` rather than forever: it carries every update
+    twice. The control topic is compacted: announcements (keyed by member) are the bulk of
+    it and only the newest per member matters; maps (keyed by epoch) and reports (keyed by
+    set and member) keep distinct keys. Manifests are the catalogue of the backup: kept.
+    """
+    mirror_ms = str(int(settings.mirror.retention_hours * 3_600_000))
     return [
-        TopicSpec(settings.mirror_topic, settings.mirror.max_workers, keep),
-        TopicSpec(settings.control_topic, 1, keep),
-        TopicSpec(settings.sets_topic, 1, keep),
+        TopicSpec(
+            settings.mirror_topic, settings.mirror.max_workers, (("retention.ms", mirror_ms),)
+        ),
+        TopicSpec(settings.control_topic, 1, (("cleanup.policy", "compact"),)),
+        TopicSpec(settings.sets_topic, 1, (("retention.ms", "-1"),)),
     ]
 
 
@@ -591,7 +600,12 @@ class Worker:
     async def _publish_map(self, m: PortionMap) -> None:
         assert self._producer is not None
         await self._producer.send(
-            Outgoing(self.settings.control_topic, m.encode(), b"map", headers=m.headers())
+            Outgoing(
+                self.settings.control_topic,
+                m.encode(),
+                f"map-{m.epoch}".encode(),
+                headers=m.headers(),
+            )
         )
 
     async def _sync_store(self) -> bool:

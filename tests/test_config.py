@@ -396,3 +396,18 @@ def test_checkpoint_groups(tmp_path: Path) -> None:
     s = load_settings(_yaml(tmp_path, _minimal(checkpoint_groups=["billing", "audit-2"])))
     assert s.checkpoint_groups == ["billing", "audit-2"]
     assert "checkpoint_groups.1" in _error(**_minimal(checkpoint_groups=["ok", "not ok"]))
+
+
+def test_internal_topics_bound_what_they_keep(tmp_path: Path) -> None:
+    """The mirror topic forgets copies after a while; the control topic keeps the newest."""
+    from connector.worker import internal_topics
+
+    s = load_settings(
+        None,
+        source={"bootstrap_servers": "k:9092", "topics": ["t"]},
+        mirror={"retention_hours": 2, "max_workers": 4},
+    )
+    specs = {spec.name: (spec.partitions, dict(spec.config)) for spec in internal_topics(s)}
+    assert specs[s.mirror_topic] == (4, {"retention.ms": str(2 * 3_600_000)})
+    assert specs[s.control_topic] == (1, {"cleanup.policy": "compact"})
+    assert specs[s.sets_topic] == (1, {"retention.ms": "-1"})
