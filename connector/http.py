@@ -20,7 +20,8 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from connector.config import HttpConfig
 from connector.errors import TandemError
-from connector.ingest import MAX_BODY_BYTES, add_routes
+from connector.ingest import add_routes
+from connector.ingest_request import MAX_BODY_BYTES
 
 if TYPE_CHECKING:
     from connector.worker import Worker

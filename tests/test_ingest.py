@@ -24,7 +24,7 @@ from confluent_kafka import Producer
 from connector.config import load_settings
 from connector.fleet import WorkerProcess
 from connector.http import build_app
-from connector.ingest import MAX_BODY_BYTES, default_partition
+from connector.ingest_request import MAX_BODY_BYTES, default_partition
 from connector.messages import MapMember, MapPortion, PortionMap, header
 from connector.owner import INGEST_HEADER
 from connector.worker import Worker
