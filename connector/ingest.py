@@ -185,11 +185,14 @@ class Ingest:
                 if entry.owner == w.name:
                     return await self.own(req, deadline)
                 return await self._forward(req, m.slot_of(entry.owner), deadline)
-            except Refused as exc:
-                if exc.status != 503:
+            except TandemError as exc:  # Refused, or a cluster that did not take the request
+                if isinstance(exc, Refused) and exc.status != 503:
                     raise
-                reason = exc.message
+                reason = str(exc)
                 await asyncio.sleep(0.1)  # the owner said "not now": a new map usually follows
+        fut = self._waiting.pop(request_id, None)
+        if fut is not None:
+            fut.cancel()  # a request of the same key waiting here now gets its 503 too
         raise unavailable(f"not placed within {REQUEST_TIMEOUT_S:.0f} s: {reason}", 2)
 
     async def _forward(self, req: IngestRequest, slot: int, deadline: float) -> Placed:
@@ -208,7 +211,7 @@ class Ingest:
         )
         remaining = deadline - asyncio.get_running_loop().time()
         done, _ = await asyncio.wait({fut}, timeout=max(0.0, min(RESEND_S, remaining)))
-        if not done:
+        if not done or fut.cancelled():
             raise unavailable(f"no answer from {req.to_member} yet")
         ack = fut.result()
         if ack.kind != PLACED:
@@ -388,15 +391,18 @@ class Ingest:
             ack = self._ack(req, PLACED, placed, None)
         except Refused as exc:
             ack = self._ack(req, RETRY, Placed(-1, -1, -1), exc.message)
-        await self._backup.send(
-            Outgoing(
-                self._topic,
-                ack.encode(),
-                req.request_id.encode(),
-                partition=req.reply_slot,
-                headers=ack.headers(),
+        try:
+            await self._backup.send(
+                Outgoing(
+                    self._topic,
+                    ack.encode(),
+                    req.request_id.encode(),
+                    partition=req.reply_slot,
+                    headers=ack.headers(),
+                )
             )
-        )
+        except TandemError as exc:  # the forwarder re-sends while it waits: it asks again
+            log.warning("ingest: cannot answer %s for %s: %s", req.from_member, req.request_id, exc)
 
     def _ack(
         self, req: IngestRequest, kind: str, placed: Placed, error: str | None
