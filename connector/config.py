@@ -264,6 +264,10 @@ class Settings(BaseSettings):
     def sets_topic(self) -> str:
         return f"{self.group}.sets"
 
+    @property
+    def ingest_topic(self) -> str:
+        return f"{self.group}.ingest"
+
     def backup_topic(self, topic: str) -> str:
         return f"{self.backup.topic_prefix}{topic}"
 

@@ -1,7 +1,7 @@
 """The worker's HTTP endpoints: metrics, probes, and routes that need a token.
 
 ``/metrics``, ``/healthz`` and ``/readyz`` are open: Prometheus and the kubelet reach them
-without secrets. Every other route (``/v1/...``: admin now, the ingest path later) needs
+without secrets. Every other route (``/v1/...``: admin, and ingest from ``connector.ingest``) needs
 ``Authorization: Bearer <http.token>`` when a token is configured, so a route added later
 is guarded unless it is deliberately made open. Routes are added to the application that
 ``build_app`` returns; the server only runs it.
@@ -20,6 +20,8 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from connector.config import HttpConfig
 from connector.errors import TandemError
+from connector.ingest import add_routes
+from connector.ingest_request import MAX_BODY_BYTES
 
 if TYPE_CHECKING:
     from connector.worker import Worker
@@ -94,12 +96,15 @@ async def _admin_status(request: web.Request) -> web.Response:
 
 def build_app(worker: Worker, token: str | None) -> web.Application:
     """The application with the standard routes; callers may add more before it runs."""
-    app = web.Application(middlewares=[_token_middleware(token)] if token else [])
+    app = web.Application(
+        middlewares=[_token_middleware(token)] if token else [], client_max_size=MAX_BODY_BYTES
+    )
     app[WORKER] = worker
     app.router.add_get("/metrics", _metrics)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/v1/admin/status", _admin_status)
+    add_routes(app, worker.ingest)
     return app
 
 

@@ -234,6 +234,24 @@ class Acknowledgement(Message):
     last_seq: int
     offset: int = -1
     request_id: str | None = None
+    error: str | None = None
+    timestamp: int = -1
+
+
+class IngestRequest(Message):
+    """A posted record on its way from the worker that received it to its portion's owner."""
+
+    schema_name: ClassVar[str] = "IngestRequest"
+    request_id: str
+    from_member: str
+    to_member: str
+    reply_slot: int
+    epoch: int
+    topic: str
+    partition: int
+    key: bytes | None = None
+    value: bytes | None = None
+    record_headers: list[RecordHeader] = []
 
 
 class HandoverMove(BaseModel):

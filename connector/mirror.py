@@ -90,6 +90,9 @@ class MirrorSender:
         self.held: dict[Portion, list[HeldRange]] = defaultdict(list)
         self.mirrored_through: dict[Portion, int] = {}
         self.envelopes_sent = 0
+        # Notified after each acknowledged send: the ingest path answers a client as soon as
+        # the mirror holds its record, without polling.
+        self.progress = asyncio.Condition()
 
     def enqueue(
         self, portion: Portion, mirror: str, slot: int, epoch: int, records: list[MirroredRecord]
@@ -177,6 +180,8 @@ class MirrorSender:
                 self.envelopes_sent += len(envelopes)
                 for portion, env in envelopes:
                     self._record_held(portion, env)
+                async with self.progress:
+                    self.progress.notify_all()
             if not self._wake.is_set():
                 self._idle.set()
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from aiokafka import ConsumerRecord
 
@@ -18,6 +19,15 @@ from connector.messages import MirroredRecord, RecordHeader
 from connector.sets import PortionSets, Windows
 
 Portion = tuple[str, int]
+INGEST_HEADER = "tandem.ingest"  # on a primary record an owner appended for an ingest request
+
+
+class Placed(NamedTuple):
+    """Where an ingested record landed in its portion: the answer to its request."""
+
+    offset: int
+    seq: int
+    timestamp: int
 
 
 @dataclass
@@ -31,6 +41,9 @@ class PortionState:
     sequenced: int = 0
     unsecured: deque[MirroredRecord] = field(default_factory=deque)
     stop_after: int | None = None  # a handover boundary: the last set this owner forms
+    # Idempotency key -> place, for records carrying INGEST_HEADER: numbered here like any
+    # other record, in primary order, so the ingest path learns its seq instead of making one.
+    ingested: dict[str, Placed] = field(default_factory=dict)
 
     @property
     def stopped(self) -> bool:
@@ -69,12 +82,18 @@ class PortionState:
             )
             # Into its set at once: a boundary met later in this batch cuts after it.
             self.sets.add(rec)
+            self._note_ingested(rec)
             out.append(rec)
             self.next_seq += 1
             self.next_offset = r.offset + 1
         self.sequenced += len(out)
         self.unsecured.extend(out)
         return out
+
+    def _note_ingested(self, rec: MirroredRecord) -> None:
+        key = next((h.value for h in rec.headers if h.key == INGEST_HEADER), None)
+        if key is not None:
+            self.ingested[key.decode(errors="replace")] = Placed(rec.offset, rec.seq, rec.timestamp)
 
     def tick(self, now_ms: int, grace_ms: int, position: int, high_watermark: int | None) -> None:
         """Seal idle windows, never past a handover boundary."""
@@ -118,6 +137,7 @@ class PortionState:
                 )
             state.unsecured.append(rec)
             state.sets.add(rec)
+            state._note_ingested(rec)
             state.next_seq = rec.seq + 1
             state.next_offset = rec.offset + 1
         return state

@@ -31,6 +31,7 @@ from connector.control import read_control
 from connector.coordinator import Coordinator, read_manifests, read_reports
 from connector.errors import MalformedMessage, TandemError, TopicError
 from connector.http import HttpServer
+from connector.ingest import Ingest
 from connector.messages import (
     Handover,
     HeldPortion,
@@ -61,6 +62,9 @@ from connector.sets import Windows
 log = logging.getLogger(__name__)
 
 
+DAY_MS = str(24 * 3600 * 1000)
+
+
 def internal_topics(settings: Settings) -> list[TopicSpec]:
     """The group's own topics on the backup cluster and the shape each must have.
 
@@ -77,6 +81,8 @@ def internal_topics(settings: Settings) -> list[TopicSpec]:
         ),
         TopicSpec(settings.control_topic, 1, (("cleanup.policy", "compact"),)),
         TopicSpec(settings.sets_topic, 1, (("retention.ms", "-1"),)),
+        # Ingest requests and answers are live conversations: a day is plenty.
+        TopicSpec(settings.ingest_topic, settings.mirror.max_workers, (("retention.ms", DAY_MS),)),
     ]
 
 
@@ -152,6 +158,7 @@ class Worker:
         # A request to join or leave counts for the coordinator while it is this fresh.
         self.request_fresh_ms = int(max(3 * settings.announce_interval_s, 2) * 1000)
         self.metrics = Metrics(self)
+        self.ingest = Ingest(self)
         self.http = HttpServer(self, settings.http)
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -188,6 +195,8 @@ class Worker:
         self._spawn(self._follow_manifests(), "manifests")
         self._spawn(self._announce_loop(), "announcer")
         self._spawn(self.sender.run(), "mirror-sender")
+        await self.ingest.start()
+        self._spawn(self.ingest.run(), "ingest")
         await self._await_turn()
         if self._closing.is_set():
             return  # stopped while waiting for its turn: it never joined
@@ -444,6 +453,7 @@ class Worker:
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError, Exception):
                         await task
+            await self.ingest.close()
             for producer in (self._producer, self._txn_producer):
                 if producer is not None:
                     await producer.close()
@@ -478,6 +488,7 @@ class Worker:
     async def on_revoked(self) -> None:
         """Before the group moves anything, every update numbered so far reaches its mirror."""
         self.metrics.rebalance_started()
+        await self.ingest.quiesce()
         async with self._write_lock:
             if self.sender is not None:
                 await self.sender.drain()
@@ -924,6 +935,7 @@ class Worker:
             epoch=self.map.epoch if self.map else 0,
             at_ms=int(time.time() * 1000),
             started_ms=self.started_ms,
+            http_url=self.http.url,
             leaving=self._leaving,
             joining=self._joining,
             map_digest=self.map.digest() if self.map else "",

@@ -30,6 +30,7 @@ from connector.messages import (
     HandoverMove,
     HeldPortion,
     HeldRange,
+    IngestRequest,
     Manifest,
     ManifestPortion,
     MapMember,
@@ -226,6 +227,21 @@ def _ack() -> Acknowledgement:
     )
 
 
+def _ingest_request() -> IngestRequest:
+    return IngestRequest(
+        request_id="pay-7",
+        from_member="w-1",
+        to_member="w-2",
+        reply_slot=1,
+        epoch=3,
+        topic="payments",
+        partition=2,
+        key=b"customer-9",
+        value=b'{"amount":5}',
+        record_headers=[RecordHeader(key="trace", value=b"\x00\x01"), RecordHeader(key="n")],
+    )
+
+
 def _handover() -> Handover:
     return Handover(
         epoch=4,
@@ -330,6 +346,7 @@ SAMPLES: dict[str, Message] = {
     "MemberAnnouncement": _announcement(),
     "SetReport": _set_report(),
     "Acknowledgement": _ack(),
+    "IngestRequest": _ingest_request(),
     "Handover": _handover(),
     "Manifest": _manifest(),
     "PortionMap": _portion_map(),
@@ -520,6 +537,7 @@ OLDER_WRITERS = [
     # (schema, defaulted field the older writer lacked, its default on the model)
     ("Acknowledgement", "request_id", None),
     ("Acknowledgement", "offset", -1),  # not the last field: resolution, not truncation
+    ("Acknowledgement", "error", None),
     ("MirrorEnvelope", "set_id", -1),
     ("MemberAnnouncement", "map_digest", ""),
     ("MemberAnnouncement", "leaving", False),
