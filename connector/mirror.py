@@ -382,29 +382,13 @@ def handoff_envelopes(
     batch_records: int,
 ) -> list[MirrorEnvelope]:
     """A surviving mirror's copies for a portion's new owner, closed by an empty envelope."""
-    out = []
-    for i in range(0, len(copies), batch_records):
-        chunk = copies[i : i + batch_records]
-        out.append(
-            MirrorEnvelope(
-                group=group,
-                owner=owner,
-                mirror=to,
-                epoch=epoch,
-                topic=portion[0],
-                partition=portion[1],
-                first_seq=chunk[0].seq,
-                last_seq=chunk[-1].seq,
-                records=chunk,
-                handoff=True,
-            )
-        )
+    where = {"group": group, "owner": owner, "mirror": to, "epoch": epoch}
+    out = [
+        _handoff(where, portion, chunk, chunk[0].seq, chunk[-1].seq)
+        for chunk in (copies[i : i + batch_records] for i in range(0, len(copies), batch_records))
+    ]
     last = copies[-1].seq if copies else -1
-    out.append(
-        marker_envelope(
-            group=group, owner=owner, to=to, epoch=epoch, portion=portion, last_seq=last
-        )
-    )
+    out.append(_handoff(where, portion, [], last, last))
     return out
 
 
@@ -412,16 +396,24 @@ def marker_envelope(
     *, group: str, owner: str, to: str, epoch: int, portion: Portion, last_seq: int
 ) -> MirrorEnvelope:
     """An empty envelope: the end of a handoff, or (portion SYNC) a token sent to oneself."""
+    where = {"group": group, "owner": owner, "mirror": to, "epoch": epoch}
+    return _handoff(where, portion, [], last_seq, last_seq)
+
+
+def _handoff(
+    where: dict[str, Any],
+    portion: Portion,
+    records: list[MirroredRecord],
+    first_seq: int,
+    last_seq: int,
+) -> MirrorEnvelope:
     return MirrorEnvelope(
-        group=group,
-        owner=owner,
-        mirror=to,
-        epoch=epoch,
+        **where,
         topic=portion[0],
         partition=portion[1],
-        first_seq=last_seq,
+        first_seq=first_seq,
         last_seq=last_seq,
-        records=[],
+        records=records,
         handoff=True,
     )
 
