@@ -101,7 +101,13 @@ def test_join_and_graceful_stop_move_portions_only_at_set_boundaries(
                 f"{pauses[True]:.1f} s for portions that moved"
             )
         assert moved >= 2
-        print(f"graceful stop took {stopped_s:.1f} s")
+        lags = sorted(
+            (m.committed_ms - m.window_end_ms) / 1000 for m in manifests(bootstrap, group).values()
+        )
+        print(
+            f"graceful stop took {stopped_s:.1f} s; set commit lag after the window end: "
+            f"median {lags[len(lags) // 2]:.1f} s, max {lags[-1]:.1f} s"
+        )
     finally:
         producer.stop()
         for w in fleet:
