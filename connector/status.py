@@ -8,7 +8,16 @@ from typing import Any
 from rich.table import Table
 
 from connector.control import ControlView
-from connector.messages import Manifest, OwnedPortion
+from connector.messages import Manifest, MemberAnnouncement, OwnedPortion
+
+
+def _state(a: MemberAnnouncement, live: bool, now_ms: int) -> str:
+    """up, joining (waiting for a handover), leaving (handing over), left, or silent."""
+    if a.leaving:
+        return "leaving" if now_ms - a.at_ms <= 5_000 else "left"
+    if not live:
+        return "silent"
+    return "joining" if a.joining else "up"
 
 
 def members_rows(view: ControlView, stale_ms: int) -> list[dict[str, Any]]:
@@ -20,7 +29,7 @@ def members_rows(view: ControlView, stale_ms: int) -> list[dict[str, Any]]:
             {
                 "member": name,
                 "slot": a.slot,
-                "state": "up" if name in live else ("left" if a.leaving else "silent"),
+                "state": _state(a, name in live, now),
                 "epoch": a.epoch,
                 "owned": len(a.owned),
                 "sequenced": sum(o.next_seq for o in a.owned),
