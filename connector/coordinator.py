@@ -102,6 +102,11 @@ class ReportBook:
     def latest_map(self) -> PortionMap | None:
         return self.maps[max(self.maps)] if self.maps else None
 
+    def forget_through(self, set_id: int) -> None:
+        """A manifest covers these sets: their reports can no longer be the newest base."""
+        for n in [n for n in self.reports if n <= set_id]:
+            del self.reports[n]
+
     def latest(self, portion: Portion) -> tuple[int, PortionReport] | None:
         best: tuple[int, PortionReport] | None = None
         for set_id, by_portion in self.reports.items():
@@ -116,11 +121,12 @@ async def read_reports(client: dict[str, Any], topic: str) -> ReportBook:
     async with standalone_consumer(client) as consumer:
         async for _tp, records in read_until_end(consumer, [TopicPartition(topic, 0)]):
             for r in records:
-                _file(book, r.value, r.headers)
+                file_control(book, r.value, r.headers)
     return book
 
 
-def _file(book: ReportBook, value: bytes | None, headers: Any) -> Message | None:
+def file_control(book: ReportBook, value: bytes | None, headers: Any) -> Message | None:
+    """Decode one control record and file what the book keeps; None if unreadable."""
     try:
         msg = decode_control(value, headers)
     except MalformedMessage as exc:
@@ -237,7 +243,7 @@ class Coordinator:
                 while True:
                     batch = await consumer.getmany(tp, timeout_ms=200, max_records=5000)
                     for r in batch.get(tp, []):
-                        msg = _file(self.book, r.value, r.headers)
+                        msg = file_control(self.book, r.value, r.headers)
                         if isinstance(msg, MemberAnnouncement):
                             self.requests[msg.member] = msg
                         elif isinstance(msg, Handover):

@@ -28,7 +28,13 @@ from connector.checkpoints import read_checkpoints
 from connector.clients import Admin, AsyncProducer, Outgoing, TopicSpec
 from connector.config import Settings
 from connector.control import read_control
-from connector.coordinator import Coordinator, read_manifests, read_reports
+from connector.coordinator import (
+    Coordinator,
+    ReportBook,
+    file_control,
+    read_manifests,
+    read_reports,
+)
 from connector.errors import MalformedMessage, TandemError, TopicError
 from connector.http import HttpServer
 from connector.ingest import Ingest
@@ -43,7 +49,6 @@ from connector.messages import (
     OwnedPortion,
     PortionMap,
     decode,
-    decode_control,
     header,
 )
 from connector.metrics import Metrics
@@ -60,6 +65,10 @@ from connector.reader import standalone_consumer
 from connector.sets import Windows
 
 log = logging.getLogger(__name__)
+
+# A surviving mirror passes its copies on within a moment of the rebalance; one that does
+# not may be dead with its session not yet expired, and the mirror topic has the copies too.
+HANDOFF_WAIT_S = 3.0
 
 
 DAY_MS = str(24 * 3600 * 1000)
@@ -150,6 +159,10 @@ class Worker:
         self._previous_map: PortionMap | None = None
         self._next_map: PortionMap | None = None
         self.handover: Handover | None = None
+        # Reports and maps as the control topic holds them, kept by _follow_control, so a
+        # takeover only has to catch up instead of reading the topic from its start.
+        self.book = ReportBook()
+        self._control_read = -1
         self._leaving = False
         self._joining = False
         self._leave_task: asyncio.Task[None] | None = None
@@ -715,11 +728,10 @@ class Worker:
         assert self._consumer is not None
         started = time.monotonic()
         s = self.settings
-        book = None
         if previous is None:
-            book = await read_reports(self._backup_client, s.control_topic)
-            older = [e for e in book.maps if e < new_map.epoch]
-            previous = book.maps[max(older)] if older else None
+            await self._sync_control()
+            older = [e for e in self.book.maps if e < new_map.epoch]
+            previous = self.book.maps[max(older)] if older else None
         stale: list[str] = []
         orphaned: dict[Portion, str | None] = {}  # portion -> its surviving mirror
         if previous is not None:
@@ -739,11 +751,11 @@ class Worker:
             await asyncio.gather(*(fence(s.backup_cluster.confluent(), t) for t in stale))
             self.metrics.failed_over(len(orphaned))
         fenced = time.monotonic()
-        if book is None or stale:
-            # Reports are read after the fence, so no departed owner's transaction is open.
-            book = await read_reports(self._backup_client, s.control_topic)
-        manifests = await read_manifests(self._backup_client, s.sets_topic)
-        last = manifests[max(manifests)] if manifests else None
+        # Reports are caught up after the fence, so no departed owner's transaction is open.
+        book = await self._sync_control()
+        # The manifest follower may be a moment behind; the book, caught up just now and
+        # pruned only by that same follower, then still holds the newer sets' reports.
+        last = self.last_manifest
         copies = await self._collect_copies(orphaned)
         committed = await self._admin.group_offsets(s.group, portions)
         tps = [TopicPartition(*p) for p in portions]
@@ -800,7 +812,8 @@ class Worker:
         missing = []
         for portion, mirror in orphaned.items():
             if (mirror == self.name and synced) or (
-                mirror not in (None, self.name) and await self.store.marker(portion, timeout_s=10)
+                mirror not in (None, self.name)
+                and await self.store.marker(portion, timeout_s=HANDOFF_WAIT_S)
             ):
                 await self.store.recall(portion)
                 out[portion] = self.store.take(portion)
@@ -843,6 +856,7 @@ class Worker:
 
     async def _secured(self, m: Manifest) -> None:
         offsets = {}
+        self.book.forget_through(m.set_id)
         for mp in m.portions:
             portion = (mp.topic, mp.partition)
             self.store.drop_through(portion, mp.last_seq)
@@ -861,22 +875,35 @@ class Worker:
                 log.info("primary offsets for set %d not committed now: %r", m.set_id, exc)
 
     async def _follow_control(self) -> None:
-        """Hear handovers: stop the portions that move away at the planned boundary."""
+        """Keep the report book and hear handovers: stop portions that move away."""
         async with standalone_consumer(self._backup_client) as consumer:
             tp = TopicPartition(self.settings.control_topic, 0)
             consumer.assign([tp])
-            await consumer.seek_to_end(tp)
+            await consumer.seek_to_beginning(tp)
             while True:
-                batch = await consumer.getmany(tp, timeout_ms=500)
+                batch = await consumer.getmany(tp, timeout_ms=500, max_records=5000)
                 for r in batch.get(tp, []):
-                    try:
-                        msg = decode_control(r.value, list(r.headers))
-                    except MalformedMessage as exc:
+                    msg = file_control(self.book, r.value, list(r.headers))
+                    self._control_read = r.offset
+                    if msg is None:
                         self.store.malformed += 1
-                        log.warning("skipping malformed record on %s: %s", tp.topic, exc)
-                        continue
-                    if isinstance(msg, Handover):
+                    elif isinstance(msg, Handover):
                         self._on_handover(msg)
+
+    async def _sync_control(self) -> ReportBook:
+        """The report book up to now: announce, then wait until the follower read that far.
+
+        Anything committed before our own record is before it in the topic (read_committed
+        returns records in offset order), so the book then holds every report written so
+        far, the transactions we just fenced included.
+        """
+        offset = await self._announce()
+        if not await self._wait_for(
+            lambda: self._control_read >= offset, timeout_s=15, what="the control topic"
+        ):
+            log.warning("control follower behind: reading the control topic from its start")
+            return await read_reports(self._backup_client, self.settings.control_topic)
+        return self.book
 
     def _on_handover(self, h: Handover) -> None:
         self.handover = h
@@ -944,7 +971,8 @@ class Worker:
             malformed=self.store.malformed,
         )
 
-    async def _announce(self) -> None:
+    async def _announce(self) -> int:
+        """Publish this worker's state; returns the record's offset on the control topic."""
         assert self._producer is not None
         msg = self.announcement()
         out = [
@@ -952,7 +980,7 @@ class Worker:
                 self.settings.control_topic, msg.encode(), self.name.encode(), headers=msg.headers()
             )
         ]
-        await self._producer.send_many(out)
+        return (await self._producer.send_many(out))[0][1]
 
     async def _announce_loop(self) -> None:
         while True:
