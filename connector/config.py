@@ -132,6 +132,14 @@ class BackupConfig(_Frozen):
     bootstrap_servers: str | None = None
     topic_prefix: str = Field(default="backup.", pattern=r"^[A-Za-z0-9._-]*$")
     replication_factor: int = Field(default=-1, description="-1: the broker's default")
+    max_message_bytes: int = Field(
+        default=8 * 1024 * 1024,
+        ge=1_048_588,
+        description="largest batch Tandem writes to the backup cluster; set as "
+        "max.message.bytes on the topics it creates. A mirror envelope carries a primary "
+        "record plus up to mirror.batch_bytes of others, so this must exceed the primary's "
+        "largest record by that much",
+    )
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] | None = None
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
     sasl_username: str | None = None
@@ -246,6 +254,18 @@ class Settings(BaseSettings):
             return ClusterConfig(**self.source.model_dump(include=set(ClusterConfig.model_fields)))
         fields = {k: getattr(b, k) for k in ClusterConfig.model_fields if getattr(b, k) is not None}
         return ClusterConfig(**fields)
+
+    def backup_producer(self) -> dict[str, Any]:
+        """librdkafka properties of producers to the backup cluster, sized for its topics."""
+        return {
+            **self.backup_cluster.confluent(),
+            "message.max.bytes": self.backup.max_message_bytes,
+        }
+
+    @property
+    def backup_topic_config(self) -> tuple[tuple[str, str], ...]:
+        """Topic configs every topic Tandem creates on the backup cluster gets."""
+        return (("max.message.bytes", str(self.backup.max_message_bytes)),)
 
     @property
     def mirror_topic(self) -> str:

@@ -30,6 +30,7 @@ from connector.config import Settings
 from connector.control import read_control
 from connector.coordinator import Coordinator, read_manifests, read_reports
 from connector.errors import MalformedMessage, TandemError, TopicError
+from connector.groupconfig import claim_group_config
 from connector.http import HttpServer
 from connector.messages import (
     Handover,
@@ -63,7 +64,7 @@ log = logging.getLogger(__name__)
 
 def internal_topics(settings: Settings) -> list[TopicSpec]:
     """The group's own topics on the backup cluster and the shape each must have."""
-    keep = (("retention.ms", "-1"),)
+    keep = (("retention.ms", "-1"), *settings.backup_topic_config)
     return [
         TopicSpec(settings.mirror_topic, settings.mirror.max_workers, keep),
         TopicSpec(settings.control_topic, 1, keep),
@@ -154,7 +155,8 @@ class Worker:
         if not topics and not s.source.topic_regex:
             raise TopicError("no primary topics to back up")
         await self._backup_admin.ensure_topics(
-            internal_topics(s) + [TopicSpec(s.backup_topic(t), n) for t, n in topics.items()]
+            internal_topics(s)
+            + [TopicSpec(s.backup_topic(t), n, s.backup_topic_config) for t, n in topics.items()]
         )
         manifests = await read_manifests(self._backup_client, s.sets_topic)
         if manifests:
@@ -165,7 +167,8 @@ class Worker:
             self._first_window = Windows.first_window_after(
                 int(time.time() * 1000), self._interval_ms
             )
-        self._producer = AsyncProducer(s.backup_cluster.confluent())
+        self._producer = AsyncProducer(s.backup_producer())
+        await claim_group_config(self._producer, self._backup_client, s)
         self.sender = MirrorSender(
             self._producer,
             topic=s.mirror_topic,
@@ -547,7 +550,7 @@ class Worker:
             await self._txn_producer.close()
         s = self.settings
         self._txn_producer = AsyncProducer(
-            s.backup_cluster.confluent(), transactional_id=transactional_id(s.group, slot)
+            s.backup_producer(), transactional_id=transactional_id(s.group, slot)
         )
         await self._txn_producer.init_transactions()
         self.writer = SetWriter(

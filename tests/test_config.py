@@ -396,3 +396,22 @@ def test_checkpoint_groups(tmp_path: Path) -> None:
     s = load_settings(_yaml(tmp_path, _minimal(checkpoint_groups=["billing", "audit-2"])))
     assert s.checkpoint_groups == ["billing", "audit-2"]
     assert "checkpoint_groups.1" in _error(**_minimal(checkpoint_groups=["ok", "not ok"]))
+
+
+def test_group_config_differences_name_every_differing_shared_setting() -> None:
+    from connector.groupconfig import differences, group_config
+
+    base = {"group": "g", "source": {"bootstrap_servers": "x:1", "topics": ["b", "a"]}}
+    first = group_config(load_settings(**base, member_id="w0"))
+    same = group_config(load_settings(**base, member_id="w1", http={"listen": None}))
+    assert differences(first, same) == []  # member, time and unshared settings don't count
+    other = group_config(
+        load_settings(
+            **base,
+            window={"interval_s": 2, "grace_s": 1},
+            backup={"topic_prefix": "other."},
+        )
+    )
+    got = differences(first, other)
+    assert [d.split(":")[0] for d in got] == ["interval_ms", "topic_prefix"], got
+    assert "5000 (group) vs 2000 (this worker)" in got[0]

@@ -9,15 +9,28 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
+from confluent_kafka import Producer
 
 from connector.broker import EmbeddedBroker
+from connector.config import load_settings
 from connector.fleet import SteadyProducer, WorkerProcess
 from connector.timeline import read_timeline
+from connector.verify import verify
 from tests.conftest import create_topics
-from tests.support import covered, manifests, run_verify, wait_for, worker_config
+from tests.support import (
+    control,
+    covered,
+    manifests,
+    produce,
+    run_verify,
+    wait_for,
+    worker_config,
+)
 from tests.test_metrics import free_port, one, scrape
 
 pytestmark = pytest.mark.slow
@@ -86,3 +99,127 @@ def test_a_ten_second_broker_stall_under_load_loses_nothing(unique: str, tmp_pat
             producer.stop()
             for w in fleet:
                 w.terminate()
+
+
+# Apache Kafka's default message.max.bytes (1 MiB + 12): a record as large as a default
+# broker takes, minus room for its key and headers.
+MAX_RECORD_VALUE = 1_048_588 - 1024
+
+
+def hostile_records(bootstrap: str, topic: str, partitions: int) -> Counter[tuple[str, int]]:
+    """Records at the size limit, empty and null keys and values, binary headers."""
+    junk = bytes(range(256))
+    cases: list[tuple[bytes | None, bytes | None, list[tuple[str, bytes | None]]]] = [
+        (b"big", bytes(MAX_RECORD_VALUE), []),
+        (b"", b"", []),
+        (None, b"", []),
+        (b"gone", None, []),  # a tombstone
+        (None, None, [("h", None)]),
+        (junk, junk, [("bin", junk), ("bin", b"\x00"), ("", b""), ("\u00e9", None)]),
+    ]
+    counts: Counter[tuple[str, int]] = Counter()
+    failures: list[str] = []
+
+    def delivered(err: object, msg: Any) -> None:
+        if err is not None:
+            failures.append(str(err))
+        else:
+            counts[(msg.topic(), msg.partition())] += 1
+
+    p = Producer({"bootstrap.servers": bootstrap, "message.max.bytes": 2_000_000})
+    for partition in range(partitions):
+        for key, value, headers in cases:
+            p.produce(
+                topic,
+                key=key,
+                value=value,
+                headers=headers or None,
+                partition=partition,
+                on_delivery=delivered,
+            )
+    assert p.flush(30) == 0
+    assert not failures, failures
+    return counts
+
+
+def inject_garbage(bootstrap: str, group: str) -> int:
+    """Records some other program wrote to the group's internal topics; returns how many."""
+    p = Producer({"bootstrap.servers": bootstrap})
+    schema = [("tandem.schema", b"MirrorEnvelope@0000")]
+    n = 0
+    for topic, partitions in (
+        (f"{group}.control", 1),
+        (f"{group}.mirror", SLOTS),
+        (f"{group}.sets", 1),
+    ):
+        for partition in range(partitions):
+            for value, headers in ((b"\xff\x00garbage", schema), (b"not avro", None), (None, None)):
+                p.produce(topic, key=b"x", value=value, headers=headers, partition=partition)
+                n += 1
+    assert p.flush(30) == 0
+    return n
+
+
+def test_hostile_input_two_groups_and_a_mismatched_config(
+    bootstrap: str, unique: str, make_topics, tmp_path: Path
+) -> None:
+    """Odd records are copied byte-identical by two groups with their own prefixes;
+    garbage on the internal topics is skipped and counted; a worker that joins a group
+    under the same name with other settings is refused."""
+    topic = f"h-{unique}"
+    make_topics(bootstrap, {topic: 3})
+    groups = {
+        g: worker_config(tmp_path, bootstrap, g, [topic]) for g in (f"ha-{unique}", f"hb-{unique}")
+    }
+    fleet = [
+        WorkerProcess(f"{g[:2]}{i}", config, tmp_path).start()
+        for g, config in groups.items()
+        for i in range(2)
+    ]
+    a, b = groups
+    try:
+        for g in groups:
+            wait_for(lambda g=g: len(manifests(bootstrap, g)) >= 2, 60, f"{g} sets", fleet)
+        counts = hostile_records(bootstrap, topic, 3)
+        garbage = inject_garbage(bootstrap, a)
+        counts.update(produce(bootstrap, topic, 600))
+
+        (tmp_path / "other").mkdir()
+        interval_3 = {"interval_s": 3, "grace_s": 0.5}
+        other = worker_config(tmp_path / "other", bootstrap, a, [topic], window=interval_3)
+        intruder = WorkerProcess("intruder", other, tmp_path).start()
+        assert intruder.proc is not None
+        assert intruder.proc.wait(60) == 1, intruder.log_tail()
+        assert "already runs with other settings" in intruder.log_tail()
+        assert "interval_ms: 2000 (group) vs 3000 (this worker)" in intruder.log_tail()
+
+        for g in groups:
+            wait_for(
+                lambda g=g: covered(bootstrap, g, counts), 90, f"{g}: sets covering all", fleet
+            )
+        assert all(w.alive for w in fleet), [w.log_tail() for w in fleet]
+        # Every worker of group a read the garbage on control and on its mirror slot.
+        seen = control(bootstrap, a).announcements
+        assert all(seen[w].malformed >= 3 for w in ("ha0", "ha1")), {
+            w: x.malformed for w, x in seen.items()
+        }
+        assert all(
+            "skipping malformed record" in w.log_path.read_text()
+            for w in fleet
+            if w.name.startswith("ha")
+        )
+        # Group b never saw any of it; verify reports the foreign records on a's sets topic
+        # and nothing else.
+        assert sum(x.malformed for x in control(bootstrap, b).announcements.values()) == 0
+        result = run_verify(groups[b])
+        assert result.returncode == 0, result.stdout + result.stderr
+        checked = asyncio.run(verify(load_settings(groups[a]), all_sets=True))
+        assert set(checked.kinds()) == {"malformed-manifest"}, checked.problems[:5]
+        assert checked.records_checked >= sum(counts.values())
+        for g in groups:
+            t = asyncio.run(read_timeline({"bootstrap_servers": bootstrap}, g, SLOTS))
+            assert not t.reused, t.reused[:5]
+        print(f"{garbage} foreign records on {a}'s internal topics skipped")
+    finally:
+        for w in fleet:
+            w.terminate()
