@@ -58,6 +58,7 @@ from connector.mirror import (
 from connector.owner import Backpressure, Portion, PortionState
 from connector.reader import standalone_consumer
 from connector.sets import Windows
+from connector.topology import follow_topology
 
 log = logging.getLogger(__name__)
 
@@ -76,9 +77,9 @@ async def primary_topics(admin: Admin, settings: Settings) -> dict[str, int]:
     """The primary topics to back up, checked without creating any of them."""
     counts = await admin.partition_counts()
     src = settings.source
-    if src.topic_regex:
-        pattern = re.compile(src.topic_regex)
-        return {t: n for t, n in counts.items() if pattern.fullmatch(t)}
+    if settings.subscription_pattern:
+        pattern = re.compile(settings.subscription_pattern)
+        return {t: n for t, n in counts.items() if pattern.match(t)}
     missing = [t for t in src.topics if t not in counts]
     if missing:
         raise TopicError(
@@ -140,6 +141,7 @@ class Worker:
         self._joining = False
         self._leave_task: asyncio.Task[None] | None = None
         self._paused: set[TopicPartition] = set()
+        self._assign_error: Exception | None = None
         self.backpressure = Backpressure(settings.source.max_unsecured_records)
         # A request to join or leave counts for the coordinator while it is this fresh.
         self.request_fresh_ms = int(max(3 * settings.announce_interval_s, 2) * 1000)
@@ -201,10 +203,11 @@ class Worker:
             rebalance_timeout_ms=max(30_000, session * 3),
             max_partition_fetch_bytes=4 * 1024 * 1024,
             fetch_max_wait_ms=200,
+            metadata_max_age_ms=s.source.metadata_max_age_ms,
         )
         listener = _Listener(self)
         if s.source.topic_regex:
-            self._consumer.subscribe(pattern=s.source.topic_regex, listener=listener)
+            self._consumer.subscribe(pattern=s.subscription_pattern, listener=listener)
         else:
             self._consumer.subscribe(topics=list(topics), listener=listener)
         await self._consumer.start()
@@ -281,6 +284,10 @@ class Worker:
 
     def check_errors(self) -> None:
         """Surface a failed background task in the main loop instead of losing it."""
+        if self._assign_error is not None:
+            raise TandemError(
+                f"applying the new portion map failed: {self._assign_error}"
+            ) from self._assign_error
         extra = [t for t in (self._store_task, self._coordinator_task) if t is not None]
         for task in self._tasks + extra:
             if task.done() and not task.cancelled() and task.exception() is not None:
@@ -324,8 +331,11 @@ class Worker:
         # A high watermark read this soon after T+grace may predate it: wait one fetch more.
         fresh_grace = self._grace_ms + 300
         async with self._write_lock:
+            assigned = self._consumer.assignment()
             for state in self.portions.values():
                 tp = TopicPartition(state.topic, state.partition)
+                if tp not in assigned:
+                    continue  # a subscribed topic appeared or went: a rebalance is coming
                 position = await self._consumer.position(tp)
                 state.tick(
                     now,
@@ -478,7 +488,10 @@ class Worker:
 
     async def on_assigned(self, assigned: list[TopicPartition]) -> None:
         async with self._write_lock:
-            await self._assigned(assigned)
+            try:
+                await self._assigned(assigned)
+            except Exception as exc:  # aiokafka would only log it and go on half-assigned
+                self._assign_error = exc
 
     async def _assigned(self, assigned: list[TopicPartition]) -> None:
         assert self._consumer is not None and self.sender is not None
@@ -522,6 +535,7 @@ class Worker:
                 self.sender.forget(portion)
         for state in self.portions.values():
             state.stop_after = None  # a boundary belongs to the map it was planned in
+        await follow_topology(self._backup_admin, self.settings, previous_map, new_map)
         if previous_map is not None:
             await self._pass_on_copies(previous_map, new_map)
         new = sorted(mine - set(self.portions))
@@ -725,13 +739,17 @@ class Worker:
         copies = await self._collect_copies(orphaned)
         committed = await self._admin.group_offsets(s.group, portions)
         tps = [TopicPartition(*p) for p in portions]
-        if s.source.start_from == "earliest":
+        if s.source.start_from == "earliest" or last is not None:
+            # A portion new to a running group (a topic or partition added) starts at its
+            # first record whatever start_from says: it was created after the group began.
             ends = await self._consumer.beginning_offsets(tps)
         else:
             ends = await self._consumer.end_offsets(tps)
         windows = Windows(self._interval_ms, new_map.first_window)
         for portion, tp in zip(portions, tps, strict=True):
-            set_id, base_offset, base_seq = 0, committed.get(portion, ends[tp]), 0
+            # A portion no manifest names yet joins the group's next set, not set 0.
+            set_id = last.set_id + 1 if last is not None else 0
+            base_offset, base_seq = committed.get(portion, ends[tp]), 0
             if last is not None:
                 mp = next((x for x in last.portions if (x.topic, x.partition) == portion), None)
                 if mp is not None:

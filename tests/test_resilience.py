@@ -15,10 +15,12 @@ from typing import Any
 
 import pytest
 from confluent_kafka import Producer
+from confluent_kafka.admin import AdminClient
 
 from connector.broker import EmbeddedBroker
 from connector.config import load_settings
 from connector.fleet import SteadyProducer, WorkerProcess
+from connector.sets import OFFSET_HEADER
 from connector.timeline import read_timeline
 from connector.verify import verify
 from tests.conftest import create_topics
@@ -27,6 +29,7 @@ from tests.support import (
     covered,
     manifests,
     produce,
+    read_all,
     run_verify,
     wait_for,
     worker_config,
@@ -221,5 +224,65 @@ def test_hostile_input_two_groups_and_a_mismatched_config(
             assert not t.reused, t.reused[:5]
         print(f"{garbage} foreign records on {a}'s internal topics skipped")
     finally:
+        for w in fleet:
+            w.terminate()
+
+
+def test_regex_subscription_follows_topics_created_and_deleted_while_running(
+    bootstrap: str, unique: str, make_topics, tmp_path: Path
+) -> None:
+    """A topic created while the group runs is backed up from its first record; a deleted
+    one is reported and the sets of the others go on."""
+    group = f"rx-{unique}"
+    kept, added, deleted = (f"rx-{unique}-{n}" for n in ("kept", "added", "deleted"))
+    make_topics(bootstrap, {kept: 2, deleted: 2, f"other-{unique}": 1})
+    source = {
+        "bootstrap_servers": bootstrap,
+        "topic_regex": f"rx-{unique}-.*",
+        "session_timeout_ms": 6000,
+        "metadata_max_age_ms": 1000,
+    }
+    config = worker_config(tmp_path, bootstrap, group, [], source=source)
+    fleet = [WorkerProcess(f"w{i}", config, tmp_path).start() for i in range(2)]
+    producer = SteadyProducer(bootstrap, [kept], rate=200).start()
+
+    def mapped() -> set[str]:
+        m = control(bootstrap, group).latest_map
+        return {p.topic for p in m.portions} if m else set()
+
+    try:
+        wait_for(lambda: mapped() == {kept, deleted}, 60, "the matching topics mapped", fleet)
+        wait_for(lambda: len(manifests(bootstrap, group)) >= 2, 60, "sets committing", fleet)
+        counts = produce(bootstrap, deleted, 100)
+        wait_for(lambda: covered(bootstrap, group, counts), 60, f"{deleted} backed up", fleet)
+
+        make_topics(bootstrap, {added: 3})
+        counts = produce(bootstrap, added, 300)  # before the group can know of the topic
+        wait_for(lambda: added in mapped(), 60, f"{added} in the map", fleet)
+        wait_for(lambda: covered(bootstrap, group, counts), 60, f"{added} backed up", fleet)
+        backup = asyncio.run(read_all(bootstrap, f"{group}-backup.{added}", 3))
+        for partition, records in backup.items():
+            # Read from its first record: primary offsets 0, 1, 2, ... in every partition.
+            offsets = [int(dict(r.headers)[OFFSET_HEADER]) for r in records]
+            assert offsets == list(range(counts[(added, partition)])), (partition, offsets[:5])
+
+        admin = AdminClient({"bootstrap.servers": bootstrap})
+        for fut in admin.delete_topics([deleted], operation_timeout=15).values():
+            fut.result(15)
+        wait_for(lambda: mapped() == {kept, added}, 60, f"{deleted} out of the map", fleet)
+        after = max(manifests(bootstrap, group))
+        wait_for(lambda: max(manifests(bootstrap, group)) >= after + 3, 60, "sets go on", fleet)
+        assert any(
+            f"primary topic {deleted} is no longer in the map" in w.log_path.read_text()
+            for w in fleet
+        )
+        counts = producer.stop()
+        assert producer.failed == 0
+        wait_for(lambda: covered(bootstrap, group, counts), 90, "sets covering all", fleet)
+        assert all(w.alive for w in fleet), [w.log_tail() for w in fleet]
+        t = asyncio.run(read_timeline({"bootstrap_servers": bootstrap}, group, SLOTS))
+        assert not t.reused, t.reused[:5]
+    finally:
+        producer.stop()
         for w in fleet:
             w.terminate()
