@@ -90,6 +90,7 @@ class MirrorSender:
         self.held: dict[Portion, list[HeldRange]] = defaultdict(list)
         self.mirrored_through: dict[Portion, int] = {}
         self.envelopes_sent = 0
+        self.send_started: float | None = None  # monotonic start of the send in flight
 
     def enqueue(
         self, portion: Portion, mirror: str, slot: int, epoch: int, records: list[MirroredRecord]
@@ -161,6 +162,7 @@ class MirrorSender:
                 self._room.set()
             if envelopes:
                 slots = {p: self._outboxes[p].slot for p, _ in envelopes if p in self._outboxes}
+                self.send_started = time.monotonic()
                 await self._producer.send_many(
                     [
                         Outgoing(
@@ -174,6 +176,7 @@ class MirrorSender:
                         if p in slots
                     ]
                 )
+                self.send_started = None
                 self.envelopes_sent += len(envelopes)
                 for portion, env in envelopes:
                     self._record_held(portion, env)
