@@ -156,9 +156,11 @@ class Worker:
         topics = await primary_topics(self._admin, s)
         if not topics and not s.source.topic_regex:
             raise TopicError("no primary topics to back up")
+        await self._backup_admin.ensure_topics(internal_topics(s))
+        self._producer = AsyncProducer(s.backup_producer())
+        await claim_group_config(self._producer, self._backup_client, s)
         await self._backup_admin.ensure_topics(
-            internal_topics(s)
-            + [TopicSpec(s.backup_topic(t), n, s.backup_topic_config) for t, n in topics.items()]
+            [TopicSpec(s.backup_topic(t), n, s.backup_topic_config) for t, n in topics.items()]
         )
         manifests = await read_manifests(self._backup_client, s.sets_topic)
         if manifests:
@@ -169,8 +171,6 @@ class Worker:
             self._first_window = Windows.first_window_after(
                 int(time.time() * 1000), self._interval_ms
             )
-        self._producer = AsyncProducer(s.backup_producer())
-        await claim_group_config(self._producer, self._backup_client, s)
         self.sender = MirrorSender(
             self._producer,
             topic=s.mirror_topic,
@@ -433,9 +433,8 @@ class Worker:
         await self.http.stop()
         self.metrics.close()
         try:
-            if self.sender is not None:
+            if self.sender is not None:  # else it stopped before it ever announced itself
                 await asyncio.wait_for(self.sender.drain(), 10)
-            if self._producer is not None:
                 self._leaving = True
                 await self._announce()
         except Exception as exc:

@@ -255,13 +255,25 @@ def test_hostile_input_two_groups_and_a_mismatched_config(
         counts.update(produce(bootstrap, topic, 600))
 
         (tmp_path / "other").mkdir()
-        interval_3 = {"interval_s": 3, "grace_s": 0.5}
-        other = worker_config(tmp_path / "other", bootstrap, a, [topic], window=interval_3)
+        other = worker_config(
+            tmp_path / "other",
+            bootstrap,
+            a,
+            [topic],
+            window={"interval_s": 3, "grace_s": 0.5},
+            backup={"topic_prefix": "other."},
+        )
         intruder = WorkerProcess("intruder", other, tmp_path).start()
         assert intruder.proc is not None
         assert intruder.proc.wait(60) == 1, intruder.log_tail()
         assert "already runs with other settings" in intruder.log_tail()
         assert "interval_ms: 2000 (group) vs 3000 (this worker)" in intruder.log_tail()
+        assert f"topic_prefix: '{a}-backup.' (group) vs 'other.' (this worker)" in (
+            intruder.log_tail()
+        )
+        # Refused before it wrote anything: no backup topic under its prefix.
+        listed = AdminClient({"bootstrap.servers": bootstrap}).list_topics(timeout=15).topics
+        assert f"other.{topic}" not in listed
 
         for g in groups:
             wait_for(
