@@ -125,23 +125,30 @@ class Admin(_Blocking):
         return [s.name for s in missing]
 
     async def _grow(self, counts: dict[str, int]) -> None:
-        def run() -> None:
+        """Add partitions; another worker growing the same topic at once is not an error."""
+
+        def run() -> dict[str, str]:
             futures = self._client.create_partitions(
                 [NewPartitions(name, n) for name, n in sorted(counts.items())],
                 operation_timeout=self._timeout,
                 request_timeout=self._timeout,
             )
+            failed = {}
             for name, fut in futures.items():
                 try:
                     fut.result(timeout=self._timeout)
                 except KafkaException as exc:
-                    raise TopicError(
-                        f"cannot grow topic {name} to {counts[name]} partitions on "
-                        f"{self._where}: {exc.args[0].str()}"
-                    ) from exc
-            log.info("grew %s", ", ".join(f"{t} to {n} partitions" for t, n in counts.items()))
+                    failed[name] = exc.args[0].str()
+            return failed
 
-        await self._call(run)
+        failed = await self._call(run)
+        after = await self.partition_counts() if failed else {}
+        for name, why in sorted(failed.items()):
+            if after.get(name, 0) < counts[name]:
+                raise TopicError(
+                    f"cannot grow topic {name} to {counts[name]} partitions on {self._where}: {why}"
+                )
+        log.info("grew %s", ", ".join(f"{t} to {n} partitions" for t, n in counts.items()))
 
     async def commit_group_offsets(self, group: str, offsets: dict[tuple[str, int], int]) -> None:
         from confluent_kafka import ConsumerGroupTopicPartitions
