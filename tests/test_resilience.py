@@ -76,7 +76,7 @@ def test_broker_stalls_and_a_backup_outage_under_load_lose_nothing(
     unique: str, tmp_path: Path
 ) -> None:
     """Source and backup on two brokers. SIGSTOP both for 10 s (one cluster frozen), then
-    only the backup for 10 s, then the backup for 20 s (ten windows) while producers
+    only the backup for 10 s, then the backup for 15 s (seven windows) while producers
     write. The workers recover alone, the stall shows in their metrics while it lasts, the
     outage secures nothing and holds bounded memory, and afterwards everything is backed
     up exactly once."""
@@ -158,7 +158,7 @@ def test_broker_stalls_and_a_backup_outage_under_load_lose_nothing(
             wait_for(lambda: len(manifests(backup.bootstrap, group)) >= 3, 60, "sets", fleet)
             stall([source, backup], 10, "stall of both clusters")
             stall([backup], 10, "stall of the backup cluster")
-            outage = stall([backup], 20, "backup outage")
+            outage = stall([backup], 15, "backup outage")
             # Owners stop reading at the limit (plus at most one fetch of 5000 per worker).
             assert outage["max_in_flight"] <= 2 * (limit + 5000), outage
             counts = producer.stop()
