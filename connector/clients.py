@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from confluent_kafka import KafkaError, KafkaException, Producer, TopicPartition
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import AdminClient, NewPartitions, NewTopic
 
 from connector.errors import BrokerUnavailable, Fenced, TandemError, TopicError
 
@@ -78,16 +78,25 @@ class Admin(_Blocking):
 
         return await self._call(run)
 
-    async def ensure_topics(self, specs: Sequence[TopicSpec]) -> list[str]:
-        """Create missing topics and check the shape of existing ones; returns those created."""
+    async def ensure_topics(self, specs: Sequence[TopicSpec], grow: bool = False) -> list[str]:
+        """Create missing topics and check the shape of existing ones; returns those created.
+
+        With ``grow``, an existing topic with fewer partitions than its spec gets more
+        (a backup topic follows its primary when partitions are added there).
+        """
         existing = await self.partition_counts()
+        short = {}
         for spec in specs:
             have = existing.get(spec.name)
-            if have is not None and have != spec.partitions:
+            if have is not None and have < spec.partitions and grow:
+                short[spec.name] = spec.partitions
+            elif have is not None and have != spec.partitions:
                 raise TopicError(
                     f"topic {spec.name} has {have} partitions, Tandem needs {spec.partitions}; "
                     "delete it or use another group name"
                 )
+        if short:
+            await self._grow(short)
         missing = [s for s in specs if s.name not in existing]
         if not missing:
             return []
@@ -114,6 +123,32 @@ class Admin(_Blocking):
                     f"not {spec.partitions}"
                 )
         return [s.name for s in missing]
+
+    async def _grow(self, counts: dict[str, int]) -> None:
+        """Add partitions; another worker growing the same topic at once is not an error."""
+
+        def run() -> dict[str, str]:
+            futures = self._client.create_partitions(
+                [NewPartitions(name, n) for name, n in sorted(counts.items())],
+                operation_timeout=self._timeout,
+                request_timeout=self._timeout,
+            )
+            failed = {}
+            for name, fut in futures.items():
+                try:
+                    fut.result(timeout=self._timeout)
+                except KafkaException as exc:
+                    failed[name] = exc.args[0].str()
+            return failed
+
+        failed = await self._call(run)
+        after = await self.partition_counts() if failed else {}
+        for name, why in sorted(failed.items()):
+            if after.get(name, 0) < counts[name]:
+                raise TopicError(
+                    f"cannot grow topic {name} to {counts[name]} partitions on {self._where}: {why}"
+                )
+        log.info("grew %s", ", ".join(f"{t} to {n} partitions" for t, n in counts.items()))
 
     async def commit_group_offsets(self, group: str, offsets: dict[tuple[str, int], int]) -> None:
         from confluent_kafka import ConsumerGroupTopicPartitions

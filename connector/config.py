@@ -103,6 +103,12 @@ class SourceConfig(ClusterConfig):
         description="updates one worker holds as owner before it stops reading the primary "
         "until a set commits (backpressure: memory stays bounded when sets stall)",
     )
+    metadata_max_age_ms: int = Field(
+        default=30_000,
+        ge=500,
+        description="how often the group's consumer refreshes metadata: how soon a new "
+        "topic matching topic_regex, a deleted topic or added partitions are noticed",
+    )
     static_membership: bool = Field(
         default=False,
         description="join with group.instance.id = member_id, so a restarted pod takes its "
@@ -132,6 +138,14 @@ class BackupConfig(_Frozen):
     bootstrap_servers: str | None = None
     topic_prefix: str = Field(default="backup.", pattern=r"^[A-Za-z0-9._-]*$")
     replication_factor: int = Field(default=-1, description="-1: the broker's default")
+    max_message_bytes: int = Field(
+        default=8 * 1024 * 1024,
+        ge=1_048_588,
+        description="largest batch Tandem writes to the backup cluster; set as "
+        "max.message.bytes on the topics it creates. A mirror envelope carries a primary "
+        "record plus up to mirror.batch_bytes of others, so this must exceed the primary's "
+        "largest record by that much",
+    )
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] | None = None
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
     sasl_username: str | None = None
@@ -251,6 +265,42 @@ class Settings(BaseSettings):
             return ClusterConfig(**self.source.model_dump(include=set(ClusterConfig.model_fields)))
         fields = {k: getattr(b, k) for k in ClusterConfig.model_fields if getattr(b, k) is not None}
         return ClusterConfig(**fields)
+
+    @property
+    def subscription_pattern(self) -> str | None:
+        """``source.topic_regex`` as the group subscribes with it (``re.match``).
+
+        Whole topic names only, as a regex is read everywhere else (aiokafka matches a
+        prefix); and on a shared cluster never Tandem's own backup and internal topics,
+        which a broad regex would otherwise back up again, prefix upon prefix.
+        """
+        regex = self.source.topic_regex
+        if regex is None:
+            return None
+        own = []
+        if self.backup.bootstrap_servers in (None, self.source.bootstrap_servers):
+            internal = "|".join(re.escape(t) for t in self.internal_topic_names)
+            own = [f"(?:{internal})\\Z"]
+            if self.backup.topic_prefix:
+                own.append(re.escape(self.backup.topic_prefix))
+        guard = f"(?!{'|'.join(own)})" if own else ""
+        return f"{guard}(?:{regex})\\Z"
+
+    @property
+    def internal_topic_names(self) -> tuple[str, str, str]:
+        return (self.mirror_topic, self.control_topic, self.sets_topic)
+
+    def backup_producer(self) -> dict[str, Any]:
+        """librdkafka properties of producers to the backup cluster, sized for its topics."""
+        return {
+            **self.backup_cluster.confluent(),
+            "message.max.bytes": self.backup.max_message_bytes,
+        }
+
+    @property
+    def backup_topic_config(self) -> tuple[tuple[str, str], ...]:
+        """Topic configs every topic Tandem creates on the backup cluster gets."""
+        return (("max.message.bytes", str(self.backup.max_message_bytes)),)
 
     @property
     def mirror_topic(self) -> str:

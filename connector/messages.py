@@ -383,9 +383,23 @@ class MemberMetadata(Message):
     leaving: bool = False
 
 
+class GroupConfig(Message):
+    """The settings all members of a group must share (``connector.groupconfig``)."""
+
+    schema_name: ClassVar[str] = "GroupConfig"
+    member: str
+    at_ms: int
+    interval_ms: int
+    grace_ms: int
+    max_workers: int
+    topic_prefix: str
+    topics: list[str]
+    topic_regex: str | None = None
+
+
 CONTROL_TYPES: dict[str, type[Message]] = {
     cls.schema_name: cls
-    for cls in (MemberAnnouncement, SetReport, Acknowledgement, Handover, PortionMap)
+    for cls in (MemberAnnouncement, SetReport, Acknowledgement, Handover, PortionMap, GroupConfig)
 }
 
 

@@ -245,6 +245,13 @@ class _StateCollector(Collector):
         yield GaugeMetricFamily(
             "tandem_owned_portions", "Portions this worker owns", value=len(w.portions)
         )
+        started = w.sender.send_started if w.sender is not None else None
+        yield GaugeMetricFamily(
+            "tandem_mirror_send_pending_seconds",
+            "How long the mirror send in flight has waited for the backup cluster to "
+            "acknowledge it (0: none waiting); grows while the backup cluster stalls",
+            value=time.monotonic() - started if started is not None else 0.0,
+        )
         yield GaugeMetricFamily(
             "tandem_unprotected_portions",
             "Owned portions whose oldest unsecured update has one holder (no mirror, or the "

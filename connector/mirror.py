@@ -93,6 +93,7 @@ class MirrorSender:
         # Notified after each acknowledged send: the ingest path answers a client as soon as
         # the mirror holds its record, without polling.
         self.progress = asyncio.Condition()
+        self.send_started: float | None = None  # monotonic start of the send in flight
 
     def enqueue(
         self, portion: Portion, mirror: str, slot: int, epoch: int, records: list[MirroredRecord]
@@ -164,6 +165,7 @@ class MirrorSender:
                 self._room.set()
             if envelopes:
                 slots = {p: self._outboxes[p].slot for p, _ in envelopes if p in self._outboxes}
+                self.send_started = time.monotonic()
                 await self._producer.send_many(
                     [
                         Outgoing(
@@ -177,6 +179,7 @@ class MirrorSender:
                         if p in slots
                     ]
                 )
+                self.send_started = None
                 self.envelopes_sent += len(envelopes)
                 for portion, env in envelopes:
                     self._record_held(portion, env)

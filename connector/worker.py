@@ -36,6 +36,7 @@ from connector.coordinator import (
     read_reports,
 )
 from connector.errors import MalformedMessage, TandemError, TopicError
+from connector.groupconfig import claim_group_config
 from connector.http import HttpServer
 from connector.ingest import Ingest
 from connector.messages import (
@@ -63,6 +64,7 @@ from connector.mirror import (
 from connector.owner import Backpressure, Portion, PortionState
 from connector.reader import standalone_consumer
 from connector.sets import Windows
+from connector.topology import follow_topology
 
 log = logging.getLogger(__name__)
 
@@ -82,16 +84,20 @@ def internal_topics(settings: Settings) -> list[TopicSpec]:
     twice. The control topic is compacted: announcements (keyed by member) are the bulk of
     it and only the newest per member matters; maps (keyed by epoch) and reports (keyed by
     set and member) keep distinct keys. Manifests are the catalogue of the backup: kept.
+    Every topic takes records as large as the backup producers send.
     """
+    size = settings.backup_topic_config
     mirror_ms = str(int(settings.mirror.retention_hours * 3_600_000))
     return [
         TopicSpec(
-            settings.mirror_topic, settings.mirror.max_workers, (("retention.ms", mirror_ms),)
+            settings.mirror_topic, settings.mirror.max_workers, (("retention.ms", mirror_ms), *size)
         ),
-        TopicSpec(settings.control_topic, 1, (("cleanup.policy", "compact"),)),
-        TopicSpec(settings.sets_topic, 1, (("retention.ms", "-1"),)),
+        TopicSpec(settings.control_topic, 1, (("cleanup.policy", "compact"), *size)),
+        TopicSpec(settings.sets_topic, 1, (("retention.ms", "-1"), *size)),
         # Ingest requests and answers are live conversations: a day is plenty.
-        TopicSpec(settings.ingest_topic, settings.mirror.max_workers, (("retention.ms", DAY_MS),)),
+        TopicSpec(
+            settings.ingest_topic, settings.mirror.max_workers, (("retention.ms", DAY_MS), *size)
+        ),
     ]
 
 
@@ -99,9 +105,9 @@ async def primary_topics(admin: Admin, settings: Settings) -> dict[str, int]:
     """The primary topics to back up, checked without creating any of them."""
     counts = await admin.partition_counts()
     src = settings.source
-    if src.topic_regex:
-        pattern = re.compile(src.topic_regex)
-        return {t: n for t, n in counts.items() if pattern.fullmatch(t)}
+    if settings.subscription_pattern:
+        pattern = re.compile(settings.subscription_pattern)
+        return {t: n for t, n in counts.items() if pattern.match(t)}
     missing = [t for t in src.topics if t not in counts]
     if missing:
         raise TopicError(
@@ -167,6 +173,7 @@ class Worker:
         self._joining = False
         self._leave_task: asyncio.Task[None] | None = None
         self._paused: set[TopicPartition] = set()
+        self._assign_error: Exception | None = None
         self.backpressure = Backpressure(settings.source.max_unsecured_records)
         # A request to join or leave counts for the coordinator while it is this fresh.
         self.request_fresh_ms = int(max(3 * settings.announce_interval_s, 2) * 1000)
@@ -182,8 +189,11 @@ class Worker:
         topics = await primary_topics(self._admin, s)
         if not topics and not s.source.topic_regex:
             raise TopicError("no primary topics to back up")
+        await self._backup_admin.ensure_topics(internal_topics(s))
+        self._producer = AsyncProducer(s.backup_producer())
+        await claim_group_config(self._producer, self._backup_client, s)
         await self._backup_admin.ensure_topics(
-            internal_topics(s) + [TopicSpec(s.backup_topic(t), n) for t, n in topics.items()]
+            [TopicSpec(s.backup_topic(t), n, s.backup_topic_config) for t, n in topics.items()]
         )
         manifests = await read_manifests(self._backup_client, s.sets_topic)
         if manifests:
@@ -194,7 +204,6 @@ class Worker:
             self._first_window = Windows.first_window_after(
                 int(time.time() * 1000), self._interval_ms
             )
-        self._producer = AsyncProducer(s.backup_cluster.confluent())
         self.sender = MirrorSender(
             self._producer,
             topic=s.mirror_topic,
@@ -229,10 +238,11 @@ class Worker:
             rebalance_timeout_ms=max(30_000, session * 3),
             max_partition_fetch_bytes=4 * 1024 * 1024,
             fetch_max_wait_ms=200,
+            metadata_max_age_ms=s.source.metadata_max_age_ms,
         )
         listener = _Listener(self)
         if s.source.topic_regex:
-            self._consumer.subscribe(pattern=s.source.topic_regex, listener=listener)
+            self._consumer.subscribe(pattern=s.subscription_pattern, listener=listener)
         else:
             self._consumer.subscribe(topics=list(topics), listener=listener)
         await self._consumer.start()
@@ -309,6 +319,10 @@ class Worker:
 
     def check_errors(self) -> None:
         """Surface a failed background task in the main loop instead of losing it."""
+        if self._assign_error is not None:
+            raise TandemError(
+                f"applying the new portion map failed: {self._assign_error}"
+            ) from self._assign_error
         extra = [t for t in (self._store_task, self._coordinator_task) if t is not None]
         for task in self._tasks + extra:
             if task.done() and not task.cancelled() and task.exception() is not None:
@@ -352,8 +366,11 @@ class Worker:
         # A high watermark read this soon after T+grace may predate it: wait one fetch more.
         fresh_grace = self._grace_ms + 300
         async with self._write_lock:
+            assigned = self._consumer.assignment()
             for state in self.portions.values():
                 tp = TopicPartition(state.topic, state.partition)
+                if tp not in assigned:
+                    continue  # a subscribed topic appeared or went: a rebalance is coming
                 position = await self._consumer.position(tp)
                 state.tick(
                     now,
@@ -451,9 +468,8 @@ class Worker:
         await self.http.stop()
         self.metrics.close()
         try:
-            if self.sender is not None:
+            if self.sender is not None:  # else it stopped before it ever announced itself
                 await asyncio.wait_for(self.sender.drain(), 10)
-            if self._producer is not None:
                 self._leaving = True
                 await self._announce()
         except Exception as exc:
@@ -508,7 +524,10 @@ class Worker:
 
     async def on_assigned(self, assigned: list[TopicPartition]) -> None:
         async with self._write_lock:
-            await self._assigned(assigned)
+            try:
+                await self._assigned(assigned)
+            except Exception as exc:  # aiokafka would only log it and go on half-assigned
+                self._assign_error = exc
 
     async def _assigned(self, assigned: list[TopicPartition]) -> None:
         assert self._consumer is not None and self.sender is not None
@@ -552,6 +571,7 @@ class Worker:
                 self.sender.forget(portion)
         for state in self.portions.values():
             state.stop_after = None  # a boundary belongs to the map it was planned in
+        await follow_topology(self._backup_admin, self.settings, previous_map, new_map)
         if previous_map is not None:
             await self._pass_on_copies(previous_map, new_map)
         new = sorted(mine - set(self.portions))
@@ -580,7 +600,7 @@ class Worker:
             await self._txn_producer.close()
         s = self.settings
         self._txn_producer = AsyncProducer(
-            s.backup_cluster.confluent(), transactional_id=transactional_id(s.group, slot)
+            s.backup_producer(), transactional_id=transactional_id(s.group, slot)
         )
         await self._txn_producer.init_transactions()
         self.writer = SetWriter(
@@ -759,13 +779,17 @@ class Worker:
         copies = await self._collect_copies(orphaned)
         committed = await self._admin.group_offsets(s.group, portions)
         tps = [TopicPartition(*p) for p in portions]
-        if s.source.start_from == "earliest":
+        if s.source.start_from == "earliest" or last is not None:
+            # A portion new to a running group (a topic or partition added) starts at its
+            # first record whatever start_from says: it was created after the group began.
             ends = await self._consumer.beginning_offsets(tps)
         else:
             ends = await self._consumer.end_offsets(tps)
         windows = Windows(self._interval_ms, new_map.first_window)
         for portion, tp in zip(portions, tps, strict=True):
-            set_id, base_offset, base_seq = 0, committed.get(portion, ends[tp]), 0
+            # A portion no manifest names yet joins the group's next set, not set 0.
+            set_id = last.set_id + 1 if last is not None else 0
+            base_offset, base_seq = committed.get(portion, ends[tp]), 0
             if last is not None:
                 mp = next((x for x in last.portions if (x.topic, x.partition) == portion), None)
                 if mp is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ import yaml
 
 from connector.config import ClusterConfig, Settings, load_settings
 from connector.errors import ConfigError
+from connector.groupconfig import differences, group_config
 
 PASSWORD = "s3cr3t-hunter2-pw"
 
@@ -408,6 +410,43 @@ def test_internal_topics_bound_what_they_keep(tmp_path: Path) -> None:
         mirror={"retention_hours": 2, "max_workers": 4},
     )
     specs = {spec.name: (spec.partitions, dict(spec.config)) for spec in internal_topics(s)}
-    assert specs[s.mirror_topic] == (4, {"retention.ms": str(2 * 3_600_000)})
-    assert specs[s.control_topic] == (1, {"cleanup.policy": "compact"})
-    assert specs[s.sets_topic] == (1, {"retention.ms": "-1"})
+    size = dict(s.backup_topic_config)
+    assert specs[s.mirror_topic] == (4, {"retention.ms": str(2 * 3_600_000), **size})
+    assert specs[s.control_topic] == (1, {"cleanup.policy": "compact", **size})
+    assert specs[s.sets_topic] == (1, {"retention.ms": "-1", **size})
+
+
+def test_group_config_differences_name_every_differing_shared_setting() -> None:
+    base = {"group": "g", "source": {"bootstrap_servers": "x:1", "topics": ["b", "a"]}}
+    first = group_config(load_settings(**base, member_id="w0"))
+    same = group_config(load_settings(**base, member_id="w1", http={"listen": None}))
+    assert differences(first, same) == []  # member, time and unshared settings don't count
+    other = group_config(
+        load_settings(
+            **base,
+            window={"interval_s": 2, "grace_s": 1},
+            backup={"topic_prefix": "other."},
+        )
+    )
+    got = differences(first, other)
+    assert [d.split(":")[0] for d in got] == ["interval_ms", "topic_prefix"], got
+    assert "5000 (group) vs 2000 (this worker)" in got[0]
+
+
+def test_a_topic_regex_never_subscribes_to_tandems_own_topics_on_a_shared_cluster() -> None:
+    shared = load_settings(
+        group="g", source={"bootstrap_servers": "x:1", "topic_regex": ".*"}
+    ).subscription_pattern
+    assert shared is not None
+    picks = [
+        t
+        for t in ("orders", "backup.orders", "g.sets", "g.mirror", "g.setsx")
+        if re.match(shared, t)
+    ]
+    assert picks == ["orders", "g.setsx"]
+    apart = load_settings(
+        source={"bootstrap_servers": "x:1", "topic_regex": "ord.*s"},
+        backup={"bootstrap_servers": "y:1"},
+    ).subscription_pattern
+    assert apart is not None
+    assert [t for t in ("orders", "backup.orders", "orders-2") if re.match(apart, t)] == ["orders"]

@@ -26,6 +26,7 @@ from connector.messages import (
     SCHEMA_HEADER,
     Acknowledgement,
     GroupCheckpoint,
+    GroupConfig,
     Handover,
     HandoverMove,
     HeldPortion,
@@ -242,6 +243,19 @@ def _ingest_request() -> IngestRequest:
     )
 
 
+def _group_config() -> GroupConfig:
+    return GroupConfig(
+        member="w-0",
+        at_ms=1_700_000_000_000,
+        interval_ms=5000,
+        grace_ms=1000,
+        max_workers=32,
+        topic_prefix="backup.",
+        topics=["orders", "payments"],
+        topic_regex=None,
+    )
+
+
 def _handover() -> Handover:
     return Handover(
         epoch=4,
@@ -352,6 +366,7 @@ SAMPLES: dict[str, Message] = {
     "PortionMap": _portion_map(),
     "MemberMetadata": _member_metadata(),
     "RestorePlan": _restore_plan(),
+    "GroupConfig": _group_config(),
 }
 SAMPLE_IDS = list(SAMPLES)
 
