@@ -15,7 +15,7 @@ import pytest
 from connector.chaos import Chaos
 from tests.support import worker_config
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(480)]
 
 
 def test_twenty_random_membership_events_lose_and_duplicate_nothing(
@@ -27,11 +27,17 @@ def test_twenty_random_membership_events_lose_and_duplicate_nothing(
     make_topics(bootstrap, dict.fromkeys(topics, 4))
     config = worker_config(tmp_path, bootstrap, group, topics)
     chaos = Chaos(
-        bootstrap=bootstrap, config=config, log_dir=tmp_path, topics=topics, seed=seed, events=20
+        bootstrap=bootstrap,
+        config=config,
+        log_dir=tmp_path,
+        topics=topics,
+        seed=seed,
+        events=20,
+        pause_s=(2.5, 5.0),
     )
     print(f"chaos seed {seed}")
     try:
-        result = chaos.run()
+        result = chaos.run(settle_timeout_s=180)
     finally:
         chaos.stop()
     kinds = sorted({e.kind for e in result.events})
