@@ -432,6 +432,22 @@ class Worker:
         else:
             self._closing.set()
 
+    async def _settle_before_leaving(self) -> None:
+        """Let a rebalance in progress finish before leaving the group.
+
+        A member that leaves while the group is forming (another member's join pending)
+        forces a second rebalance at once, and on the embedded broker we saw a group that
+        never completed one after such a leave (docs/broker-notes.md). One heartbeat
+        interval is how long it takes to hear that a rebalance began.
+        """
+        session_s = self.settings.source.session_timeout_ms / 1000
+        await asyncio.sleep(max(0.1, session_s / 5))
+        for _ in range(int(3 * session_s / 0.05)):
+            if not self.metrics.rebalancing:
+                return
+            await asyncio.sleep(0.05)
+        log.warning("leaving the group in the middle of a rebalance")
+
     async def _leave(self) -> None:
         """Graceful stop: the coordinator plans a handover; leave once its set is committed."""
         asked_ms = int(time.time() * 1000)
@@ -476,6 +492,7 @@ class Worker:
             log.warning("while closing: %r", exc)
         finally:
             if self._consumer is not None:
+                await self._settle_before_leaving()
                 await self._consumer.stop()
             for task in [*self._tasks, self._store_task, self._coordinator_task, self._leave_task]:
                 if task is not None:
