@@ -270,34 +270,10 @@ class Worker:
             log.info("%s is in map epoch %d: rejoining at once", self.name, current.epoch)
             return
         self._joining = True
-        asked_ms = int(time.time() * 1000)
-        await self._announce()
-        interval_s = self._interval_ms / 1000
         try:
-            h = await self._wait_for(
-                lambda: (
-                    self.handover is not None
-                    and self.name in self.handover.joining
-                    and self.handover.at_ms >= asked_ms - 1000
-                ),
-                timeout_s=2 * interval_s + 10,
-                what="a handover from the coordinator",
-            )
-            if h:
-                assert self.handover is not None
-                boundary = self.handover.set_id
-                log.info(
-                    "joining after set %d: %d portions move to this worker",
-                    boundary,
-                    sum(1 for m in self.handover.moves if m.to_member == self.name),
-                )
-                await self._wait_for(
-                    lambda: (
-                        self.last_manifest is not None and self.last_manifest.set_id >= boundary
-                    ),
-                    timeout_s=3 * interval_s + 10,
-                    what=f"manifest {boundary}",
-                )
+            boundary = await self._handover_committed(joining=True)
+            if boundary is not None:
+                log.info("joining after set %d", boundary)
         finally:
             self._joining = False
 
@@ -450,31 +426,50 @@ class Worker:
 
     async def _leave(self) -> None:
         """Graceful stop: the coordinator plans a handover; leave once its set is committed."""
-        asked_ms = int(time.time() * 1000)
-        await self._announce()
-        interval_s = self._interval_ms / 1000
         try:
-            if await self._wait_for(
-                lambda: (
-                    self.handover is not None
-                    and self.name in self.handover.leaving
-                    and self.handover.at_ms >= asked_ms - 1000
-                ),
-                timeout_s=2 * interval_s + 10,
-                what="a handover from the coordinator",
-            ):
-                assert self.handover is not None
-                boundary = self.handover.set_id
-                await self._wait_for(
-                    lambda: (
-                        self.last_manifest is not None and self.last_manifest.set_id >= boundary
-                    ),
-                    timeout_s=3 * interval_s + 10,
-                    what=f"manifest {boundary}",
-                )
+            boundary = await self._handover_committed(joining=False)
+            if boundary is not None:
                 log.info("set %d committed: leaving the group", boundary)
         finally:
             self._closing.set()
+
+    async def _handover_committed(self, *, joining: bool) -> int | None:
+        """Ask to join or leave, then wait for the handover naming us and its set's manifest.
+
+        Returns the boundary set, or None when no handover came in time (the caller goes
+        on without one: takeover is safe mid-set too).
+        """
+        asked_ms = int(time.time() * 1000)
+        await self._announce()
+        interval_s = self._interval_ms / 1000
+
+        def named(h: Handover | None) -> bool:
+            return (
+                h is not None
+                and self.name in (h.joining if joining else h.leaving)
+                and h.at_ms >= asked_ms - 1000
+            )
+
+        if not await self._wait_for(
+            lambda: named(self.handover),
+            timeout_s=2 * interval_s + 10,
+            what="a handover from the coordinator",
+        ):
+            return None
+        assert self.handover is not None
+        boundary = self.handover.set_id
+        log.info(
+            "handover at set %d: %d portions move to this worker, %d away",
+            boundary,
+            sum(1 for m in self.handover.moves if m.to_member == self.name),
+            sum(1 for m in self.handover.moves if m.from_member == self.name),
+        )
+        await self._wait_for(
+            lambda: self.last_manifest is not None and self.last_manifest.set_id >= boundary,
+            timeout_s=3 * interval_s + 10,
+            what=f"manifest {boundary}",
+        )
+        return boundary
 
     async def close(self) -> None:
         if self._closed:
